@@ -1,0 +1,1 @@
+"""GcmrConfig, GcmrForRetrieval and the prefix-trie LogitsProcessor."""

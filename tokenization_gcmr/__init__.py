@@ -1,0 +1,2 @@
+"""ImageIdTokenizer and the identifier builders."""
+from .identifier_table import IdentifierTable, IdentifierTableError

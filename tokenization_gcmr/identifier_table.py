@@ -1,0 +1,212 @@
+"""The identifier table: one unique token sequence per image key, and its on-disk format.
+
+On disk a table is two files in one folder: ``identifier_table.safetensors`` (the integer codes, the
+text-unit flags and the optional unit vectors) and ``identifier_table.json`` (format version, id_type,
+options, keys, units and a content hash). Loading checks the version and the hash, so a truncated or
+mixed-up pair of files fails loudly instead of answering with the wrong images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+FORMAT_VERSION = 1
+TABLE_WEIGHTS_NAME = "identifier_table.safetensors"
+TABLE_HEADER_NAME = "identifier_table.json"
+
+
+class IdentifierTableError(ValueError):
+    """A table that is inconsistent, or a table file that is missing, truncated or from elsewhere."""
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True, eq=False)
+class IdentifierTable:
+    """Identifiers of a corpus: row ``i`` of ``codes`` indexes ``units`` and names ``keys[i]``.
+
+    ``codes`` is int32 (N, L), right-padded with -1. ``unit_is_text[u]`` tells whether unit ``u`` is a
+    piece of the text tokenizer's vocabulary (string and semantic identifiers) or a new identifier
+    token to add to the vocabulary. ``unit_vectors`` optionally holds a vector per unit (a centroid or
+    a codebook entry, NaN where none) to initialise identifier-token embeddings.
+    """
+
+    keys: tuple[str, ...]
+    codes: np.ndarray
+    units: tuple[str, ...]
+    unit_is_text: np.ndarray
+    id_type: str
+    options: dict[str, Any] = field(default_factory=dict)
+    unit_vectors: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "units", tuple(self.units))
+        object.__setattr__(self, "codes", np.ascontiguousarray(self.codes, dtype=np.int32))
+        object.__setattr__(self, "unit_is_text", np.ascontiguousarray(self.unit_is_text, dtype=bool))
+        if self.unit_vectors is not None:
+            object.__setattr__(self, "unit_vectors", np.ascontiguousarray(self.unit_vectors, dtype=np.float32))
+        self.validate()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def max_length(self) -> int:
+        """The longest identifier, in tokens (EOS not counted)."""
+        return int(self.codes.shape[1])
+
+    def lengths(self) -> np.ndarray:
+        return (self.codes >= 0).sum(axis=1)
+
+    def validate(self) -> None:
+        """Raise IdentifierTableError naming the first inconsistency found."""
+        codes = self.codes
+        if codes.ndim != 2:
+            raise IdentifierTableError(f"codes must be 2-D (N, L), got shape {codes.shape}")
+        if codes.shape[0] != len(self.keys):
+            raise IdentifierTableError(f"{codes.shape[0]} code rows for {len(self.keys)} keys")
+        if len(set(self.keys)) != len(self.keys):
+            raise IdentifierTableError("keys are not unique")
+        if self.unit_is_text.shape != (len(self.units),):
+            raise IdentifierTableError(f"unit_is_text has shape {self.unit_is_text.shape}, expected ({len(self.units)},)")
+        if codes.size and (codes.max() >= len(self.units) or codes.min() < -1):
+            raise IdentifierTableError(f"codes must lie in [-1, {len(self.units)}), found [{codes.min()}, {codes.max()}]")
+        valid = codes >= 0
+        if codes.shape[0] and codes.shape[1] and not valid[:, 0].all():
+            raise IdentifierTableError("every identifier needs at least one token")
+        # Right padding only: once a row is padded, it stays padded.
+        if codes.shape[1] > 1 and (valid[:, 1:] & ~valid[:, :-1]).any():
+            raise IdentifierTableError("codes must be right-padded with -1")
+        if self.unit_vectors is not None and self.unit_vectors.shape[0] != len(self.units):
+            raise IdentifierTableError(f"unit_vectors has {self.unit_vectors.shape[0]} rows for {len(self.units)} units")
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 over every field; two tables with the same hash decode to the same images."""
+        digest = hashlib.sha256()
+        digest.update(self.id_type.encode())
+        digest.update(json.dumps(self.options, sort_keys=True).encode())
+        digest.update(json.dumps(list(self.keys)).encode())
+        digest.update(json.dumps(list(self.units)).encode())
+        digest.update(str(self.codes.shape).encode())
+        digest.update(self.codes.tobytes())
+        digest.update(self.unit_is_text.tobytes())
+        if self.unit_vectors is not None:
+            digest.update(str(self.unit_vectors.shape).encode())
+            digest.update(self.unit_vectors.tobytes())
+        return digest.hexdigest()
+
+    def save(self, directory: str) -> None:
+        """Write both files atomically (temporary name, then rename); the header goes last."""
+        os.makedirs(directory, exist_ok=True)
+        tensors = {"codes": self.codes, "unit_is_text": self.unit_is_text.astype(np.uint8)}
+        if self.unit_vectors is not None:
+            tensors["unit_vectors"] = self.unit_vectors
+        header = {
+            "format_version": FORMAT_VERSION,
+            "id_type": self.id_type,
+            "options": self.options,
+            "num_identifiers": len(self.keys),
+            "content_hash": self.content_hash,
+            "keys": list(self.keys),
+            "units": list(self.units),
+        }
+        weights_path = os.path.join(directory, TABLE_WEIGHTS_NAME)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]})
+            os.replace(tmp, weights_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _atomic_write_bytes(os.path.join(directory, TABLE_HEADER_NAME), json.dumps(header).encode())
+
+    @classmethod
+    def load(cls, directory: str) -> "IdentifierTable":
+        """Load and verify a table; errors name the file and what is wrong with it."""
+        header_path = os.path.join(directory, TABLE_HEADER_NAME)
+        weights_path = os.path.join(directory, TABLE_WEIGHTS_NAME)
+        return cls.from_files(header_path, weights_path)
+
+    @classmethod
+    def from_files(cls, header_path: str, weights_path: str) -> "IdentifierTable":
+        for path in (header_path, weights_path):
+            if not path or not os.path.isfile(path):
+                raise IdentifierTableError(f"identifier table file is missing: {path}")
+        try:
+            with open(header_path, encoding="utf-8") as handle:
+                header = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise IdentifierTableError(f"{header_path} is not valid JSON (truncated?): {err}") from err
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IdentifierTableError(
+                f"{header_path} has format_version {version!r}; this version of gcmr reads {FORMAT_VERSION}"
+            )
+        for name in ("id_type", "options", "keys", "units", "content_hash"):
+            if name not in header:
+                raise IdentifierTableError(f"{header_path} lacks the field {name!r}")
+        try:
+            tensors = load_file(weights_path)
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise IdentifierTableError(f"{weights_path} cannot be read (truncated or not safetensors): {err}") from err
+        for name in ("codes", "unit_is_text"):
+            if name not in tensors:
+                raise IdentifierTableError(f"{weights_path} lacks the tensor {name!r}")
+        try:
+            table = cls(
+                keys=header["keys"],
+                codes=tensors["codes"],
+                units=header["units"],
+                unit_is_text=tensors["unit_is_text"].astype(bool),
+                id_type=header["id_type"],
+                options=header["options"],
+                unit_vectors=tensors.get("unit_vectors"),
+            )
+        except IdentifierTableError as err:
+            raise IdentifierTableError(f"{weights_path} and {header_path} do not agree: {err}") from err
+        if table.content_hash != header["content_hash"]:
+            raise IdentifierTableError(
+                f"content hash mismatch: {header_path} says {header['content_hash'][:12]}…, the data hashes to "
+                f"{table.content_hash[:12]}…; the two files come from different tables or one is damaged"
+            )
+        return table
+
+    def new_units(self) -> list[str]:
+        """The units that are new tokens for the vocabulary, in the order they are added."""
+        return [unit for unit, is_text in zip(self.units, self.unit_is_text) if not is_text]
+
+
+def table_from_sequences(
+    keys: Sequence[str], sequences: Sequence[Sequence[int]], units: Sequence[str], **fields: Any
+) -> IdentifierTable:
+    """Pack ragged code sequences into a right-padded table (a convenience for builders and tests)."""
+    width = max((len(seq) for seq in sequences), default=1)
+    codes = np.full((len(sequences), width), -1, dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        codes[row, : len(seq)] = seq
+    unit_is_text = fields.pop("unit_is_text", np.zeros(len(units), dtype=bool))
+    return IdentifierTable(keys=tuple(keys), codes=codes, units=tuple(units), unit_is_text=unit_is_text, **fields)
