@@ -77,6 +77,7 @@ class IdentifierTable:
         return int(self.codes.shape[1])
 
     def lengths(self) -> np.ndarray:
+        """Tokens per identifier (padding not counted)."""
         return (self.codes >= 0).sum(axis=1)
 
     def validate(self) -> None:
@@ -86,20 +87,33 @@ class IdentifierTable:
             raise IdentifierTableError(f"codes must be 2-D (N, L), got shape {codes.shape}")
         if codes.shape[0] != len(self.keys):
             raise IdentifierTableError(f"{codes.shape[0]} code rows for {len(self.keys)} keys")
+        if not all(isinstance(key, str) for key in self.keys):
+            raise IdentifierTableError("keys must be strings")
         if len(set(self.keys)) != len(self.keys):
-            raise IdentifierTableError("keys are not unique")
+            seen: set[str] = set()
+            duplicate = next(key for key in self.keys if key in seen or seen.add(key))
+            raise IdentifierTableError(f"keys are not unique: {duplicate!r} appears more than once")
+        if len(set(self.units)) != len(self.units):
+            raise IdentifierTableError("units are not unique")
         if self.unit_is_text.shape != (len(self.units),):
             raise IdentifierTableError(f"unit_is_text has shape {self.unit_is_text.shape}, expected ({len(self.units)},)")
         if codes.size and (codes.max() >= len(self.units) or codes.min() < -1):
             raise IdentifierTableError(f"codes must lie in [-1, {len(self.units)}), found [{codes.min()}, {codes.max()}]")
         valid = codes >= 0
-        if codes.shape[0] and codes.shape[1] and not valid[:, 0].all():
+        if codes.shape[0] and (codes.shape[1] == 0 or not valid[:, 0].all()):
             raise IdentifierTableError("every identifier needs at least one token")
         # Right padding only: once a row is padded, it stays padded.
         if codes.shape[1] > 1 and (valid[:, 1:] & ~valid[:, :-1]).any():
             raise IdentifierTableError("codes must be right-padded with -1")
-        if self.unit_vectors is not None and self.unit_vectors.shape[0] != len(self.units):
-            raise IdentifierTableError(f"unit_vectors has {self.unit_vectors.shape[0]} rows for {len(self.units)} units")
+        if self.unit_vectors is not None and (self.unit_vectors.ndim != 2 or self.unit_vectors.shape[0] != len(self.units)):
+            raise IdentifierTableError(
+                f"unit_vectors has shape {self.unit_vectors.shape}, expected ({len(self.units)}, D)"
+            )
+        if codes.shape[0] > 1:
+            distinct, first_row = np.unique(codes, axis=0, return_index=True)
+            if len(distinct) != codes.shape[0]:
+                row = int(np.setdiff1d(np.arange(codes.shape[0]), first_row)[0])
+                raise IdentifierTableError(f"identifiers are not unique: row {row} ({self.keys[row]!r}) repeats an earlier row")
 
     @property
     def content_hash(self) -> str:
@@ -161,6 +175,8 @@ class IdentifierTable:
                 header = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise IdentifierTableError(f"{header_path} is not valid JSON (truncated?): {err}") from err
+        if not isinstance(header, dict):
+            raise IdentifierTableError(f"{header_path} must hold a JSON object, got {type(header).__name__}")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise IdentifierTableError(

@@ -1,0 +1,423 @@
+#!/usr/bin/env python
+"""Train and evaluate a generative cross-modal retriever (GRACE / ACE) with `transformers.Trainer`.
+
+Build identifiers for every image -> train *memorize* (image -> identifier) and *retrieve* (caption ->
+identifier) -> evaluate Recall@1/5/10 and MRR@10 on held-out captions with trie-constrained decoding (and the
+dense baseline on the same queries) -> write the model card -> save the checkpoint, or push it to the Hub.
+
+    python examples/run_gcmr.py --output_dir out --do_train --do_eval \
+        --synthetic_num_images 200 --id_type structured --num_train_epochs 30 --baseline
+
+    python examples/run_gcmr.py --corpus path/to/imagefolder --image_encoder path/to/clip --id_type coarse_fine \
+        --do_train --do_eval --output_dir out --push_to_hub --hub_model_id you/gcmr-flowers
+
+Everything the Trainer offers applies unchanged: `torchrun --nproc_per_node N examples/run_gcmr.py ...`,
+`--deepspeed`, FSDP, `--resume_from_checkpoint`, `--eval_strategy epoch` (Recall@K lands in the log history).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import datasets
+import numpy as np
+import transformers
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    HfArgumentParser,
+    T5Config,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr.collator_gcmr import GcmrDataCollator
+from modeling_gcmr.data_gcmr import load_corpus, split_captions
+from modeling_gcmr.evaluation_gcmr import evaluate_retriever
+from modeling_gcmr.training_gcmr import (
+    RetrievalEvalCallback,
+    TrainingExamplesConfig,
+    build_query_examples,
+    build_training_examples,
+)
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+from tokenization_gcmr.text_vocabulary import train_text_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """The model to train: a new tiny/small T5-based retriever built from these sizes, or a checkpoint to continue."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A GCMR checkpoint (folder or Hub id) to continue training; its tokenizer is reused."}
+    )
+    text_tokenizer: str | None = field(
+        default=None, metadata={"help": "A text tokenizer folder; default: train a WordPiece vocabulary on the captions."}
+    )
+    text_vocab_size: int = field(default=2000, metadata={"help": "Upper bound of the trained text vocabulary."})
+    image_input: Literal["embeds", "pixels"] = field(
+        default="embeds",
+        metadata={"help": "'embeds': images enter as precomputed features; 'pixels': through a vision tower trained here."},
+    )
+    d_model: int = field(default=128, metadata={"help": "Hidden size of the T5 backbone."})
+    d_ff: int = field(default=256, metadata={"help": "Feed-forward size of the T5 backbone."})
+    num_layers: int = field(default=2, metadata={"help": "Encoder layers (and decoder layers) of the T5 backbone."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads of the T5 backbone."})
+    dropout_rate: float = field(default=0.1, metadata={"help": "Dropout of the T5 backbone."})
+    vision_hidden_size: int = field(default=64, metadata={"help": "'pixels': hidden size of the CLIP-style vision tower."})
+    vision_layers: int = field(default=2, metadata={"help": "'pixels': layers of the vision tower."})
+    vision_patch_size: int = field(default=8, metadata={"help": "'pixels': patch size of the vision tower."})
+    num_visual_tokens: int = field(default=4, metadata={"help": "Encoder input vectors per image."})
+    fusion: Literal["none", "coarse_to_fine"] = field(
+        default="none", metadata={"help": "'coarse_to_fine' adds ACE's feature fusion; 'none' is GRACE."}
+    )
+    consistency_weight: float = field(default=0.0, metadata={"help": "Weight of ACE's R-Drop KL term (0 = off)."})
+    identifier_init: Literal["unit_vectors", "random"] = field(
+        default="unit_vectors", metadata={"help": "Initialise identifier-token embeddings from centroids, or randomly."}
+    )
+    num_beams: int = field(default=10, metadata={"help": "Beam width of trie-constrained decoding (GRACE: 10)."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone's attention projections; 0 = full fine-tuning."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="q,v", metadata={"help": "Comma-separated attention projections of the backbone that get LoRA adapters."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """The corpus, the held-out queries, and how training examples are drawn from it."""
+
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "An imagefolder, or a .jsonl/.json/.csv file (see load_corpus). Default: the synthetic corpus."},
+    )
+    corpus_split: str | None = field(default=None, metadata={"help": "Keep only this split of the corpus."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop invalid corpus rows (with a warning) instead of failing."})
+    synthetic_num_images: int = field(default=200, metadata={"help": "Images of the synthetic corpus."})
+    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
+    synthetic_captions_per_image: int = field(default=3, metadata={"help": "Captions per synthetic image."})
+    image_encoder: str = field(
+        default="precomputed",
+        metadata={
+            "help": "Image embeddings for identifiers: 'precomputed' (the corpus' image_embeds), 'dual_encoder' "
+            "(train the dense baseline on the corpus), or a CLIP-style model folder."
+        },
+    )
+    num_query_captions: int = field(default=1, metadata={"help": "Captions per image held out as evaluation queries."})
+    max_eval_queries: int | None = field(default=None, metadata={"help": "Evaluate on at most this many queries."})
+    schedule: Literal["joint", "sequential"] = field(
+        default="joint", metadata={"help": "'joint': mixed batches (GRACE); 'sequential': memorize first, then retrieve."}
+    )
+    phase_epochs: int = field(default=1, metadata={"help": "'sequential': passes over each phase per Trainer epoch."})
+    memorize_ratio: float = field(default=1.0, metadata={"help": "Expected memorize examples per image."})
+    retrieve_ratio: float = field(default=1.0, metadata={"help": "Expected retrieve examples per training caption."})
+    use_pseudo_queries: bool = field(default=True, metadata={"help": "Use the corpus' pseudo_queries column as extra queries."})
+    memorize_prompt: str = field(default="", metadata={"help": "Text given with the image in memorize examples."})
+    max_query_length: int = field(default=64, metadata={"help": "Truncate queries to this many tokens."})
+    baseline: bool = field(default=False, metadata={"help": "Also train and evaluate the dense dual-encoder baseline."})
+
+
+@dataclass
+class IdentifierArguments:
+    """How each image gets its identifier."""
+
+    id_type: Literal["numeric", "string", "semantic", "structured", "atomic", "coarse_fine"] = field(
+        default="structured", metadata={"help": "Identifier type (see tokenization_gcmr.build_identifiers)."}
+    )
+    id_options: str = field(
+        default="{}", metadata={"help": 'JSON object of builder options, e.g. \'{"branching": 10, "leaf_size": 10}\'.'}
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ModelArguments, DataArguments, IdentifierArguments, TrainingArguments))
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        model_args, data_args, id_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
+    else:
+        model_args, data_args, id_args, training_args = parser.parse_args_into_dataclasses(argv)
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    # The collator needs the task and image columns that forward() does not name.
+    training_args.remove_unused_columns = False
+    if data_args.schedule == "sequential":
+        # The curriculum order lives in the dataset; the Trainer must not shuffle it.
+        training_args.train_sampling_strategy = "sequential"
+
+    corpus = _load(data_args, model_args)
+    captions = split_captions(corpus, data_args.num_query_captions)
+    queries, gold = captions.queries, captions.gold
+    if data_args.max_eval_queries is not None:
+        queries, gold = queries[: data_args.max_eval_queries], gold[: data_args.max_eval_queries]
+
+    if model_args.model_name_or_path:
+        tokenizer = ImageIdTokenizer.from_pretrained(model_args.model_name_or_path)
+        model = GcmrForRetrieval.from_pretrained(model_args.model_name_or_path)
+        _check_same_corpus(tokenizer, corpus)
+    else:
+        tokenizer = _build_tokenizer(corpus, captions.train, model_args, data_args, id_args, training_args.seed)
+        model = GcmrForRetrieval(_build_config(tokenizer, corpus, model_args, data_args))
+        model.set_identifier_vocabulary(tokenizer, init=model_args.identifier_init)
+    model.config.num_beams = model_args.num_beams
+    if model_args.lora_r > 0:
+        model = _with_lora(model, model_args)
+
+    example_config = TrainingExamplesConfig(
+        schedule=data_args.schedule,
+        memorize_ratio=data_args.memorize_ratio,
+        retrieve_ratio=data_args.retrieve_ratio,
+        use_pseudo_queries=data_args.use_pseudo_queries,
+        memorize_prompt=data_args.memorize_prompt,
+        phase_epochs=data_args.phase_epochs,
+        max_query_length=data_args.max_query_length,
+        seed=training_args.seed,
+    )
+    with training_args.main_process_first(desc="building training examples"):
+        train_dataset = build_training_examples(_model_inputs(captions.train, model_args), tokenizer, example_config)
+        eval_dataset = build_query_examples(queries, gold, tokenizer, data_args.max_query_length) if queries else None
+    logger.info("%d training examples (%s), %d held-out queries", len(train_dataset), data_args.schedule, len(queries))
+
+    callbacks = []
+    if queries and training_args.eval_strategy != "no":
+        callbacks.append(
+            RetrievalEvalCallback(queries, gold, tokenizer, num_beams=model_args.num_beams, batch_size=training_args.per_device_eval_batch_size)
+        )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset,
+        data_collator=GcmrDataCollator.from_config(_base(model).config, tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+    results: dict = {}
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or _last_checkpoint(training_args)
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(train_result.metrics)
+
+    if not trainer.is_world_process_zero():
+        return results
+    model = _merged(trainer.model)
+    if training_args.do_eval and queries:
+        results.update(_evaluate(model, tokenizer, corpus, captions.train, queries, gold, data_args, model_args, training_args))
+        trainer.save_metrics("eval", {k: v for k, v in results.items() if k.startswith("eval_")})
+    _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args)
+    return results
+
+
+def _setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info("training arguments: %s", training_args)
+
+
+def _load(data_args: DataArguments, model_args: ModelArguments) -> datasets.Dataset:
+    if data_args.corpus is not None:
+        corpus = load_corpus(data_args.corpus, split=data_args.corpus_split, skip_bad_rows=data_args.skip_bad_rows)
+    else:
+        from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus
+
+        corpus = make_synthetic_corpus(
+            data_args.synthetic_num_images,
+            image_size=data_args.synthetic_image_size,
+            captions_per_image=data_args.synthetic_captions_per_image,
+            seed=0,
+        )
+    if data_args.image_encoder != "precomputed":
+        from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
+
+        embeds = np.asarray(compute_image_embeddings(corpus, data_args.image_encoder), dtype=np.float32)
+        if "image_embeds" in corpus.column_names:
+            corpus = corpus.remove_columns("image_embeds")
+        corpus = corpus.add_column("image_embeds", embeds.tolist(), feature=datasets.Sequence(datasets.Value("float32")))
+    needed = "image_embeds" if model_args.image_input == "embeds" else "image"
+    if needed not in corpus.column_names:
+        raise ValueError(
+            f"--image_input {model_args.image_input} needs a corpus column {needed!r}; the corpus has {corpus.column_names}"
+        )
+    logger.info("corpus: %d images, %d captions", len(corpus), sum(len(c) for c in corpus["captions"]))
+    return corpus
+
+
+def _model_inputs(corpus: datasets.Dataset, model_args: ModelArguments) -> datasets.Dataset:
+    """Keep the one image column the model reads, so memorize rows carry only what the collator should batch."""
+    drop = "image" if model_args.image_input == "embeds" else "image_embeds"
+    return corpus.remove_columns(drop) if drop in corpus.column_names else corpus
+
+
+def _build_tokenizer(corpus, train_corpus, model_args, data_args, id_args, seed: int) -> ImageIdTokenizer:
+    train_captions = [c for caps in train_corpus["captions"] for c in caps]
+    if model_args.text_tokenizer:
+        text_tokenizer = AutoTokenizer.from_pretrained(model_args.text_tokenizer)
+    else:
+        text_tokenizer = train_text_tokenizer(train_captions, vocab_size=model_args.text_vocab_size)
+    options = json.loads(id_args.id_options)
+    if not isinstance(options, dict):
+        raise ValueError(f"--id_options must be a JSON object, got {id_args.id_options!r}")
+    if id_args.id_type in ("string", "semantic"):
+        options.setdefault("text_tokenizer", text_tokenizer)
+    embeddings = np.asarray(corpus["image_embeds"], dtype=np.float32) if "image_embeds" in corpus.column_names else None
+    table = build_identifiers(
+        list(corpus["image_key"]), id_args.id_type, embeddings=embeddings, captions=list(train_corpus["captions"]), seed=seed, **options
+    )
+    logger.info("built %s identifiers for %d images", id_args.id_type, len(table.keys))
+    return ImageIdTokenizer(text_tokenizer, table)
+
+
+def _build_config(tokenizer, corpus, model_args: ModelArguments, data_args: DataArguments) -> GcmrConfig:
+    text_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=model_args.d_model,
+        d_kv=model_args.d_model // model_args.num_heads,
+        d_ff=model_args.d_ff,
+        num_layers=model_args.num_layers,
+        num_decoder_layers=model_args.num_layers,
+        num_heads=model_args.num_heads,
+        dropout_rate=model_args.dropout_rate,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    image = {}
+    if model_args.image_input == "embeds":
+        image["image_embed_dim"] = len(corpus[0]["image_embeds"])
+    else:
+        image["vision_config"] = CLIPVisionConfig(
+            image_size=data_args.synthetic_image_size if data_args.corpus is None else 224,
+            patch_size=model_args.vision_patch_size,
+            hidden_size=model_args.vision_hidden_size,
+            intermediate_size=2 * model_args.vision_hidden_size,
+            num_hidden_layers=model_args.vision_layers,
+            num_attention_heads=max(1, model_args.vision_hidden_size // 32),
+        )
+    return GcmrConfig(
+        text_config=text_config,
+        num_visual_tokens=model_args.num_visual_tokens,
+        fusion=model_args.fusion,
+        consistency_weight=model_args.consistency_weight,
+        num_beams=model_args.num_beams,
+        **image,
+    )
+
+
+def _check_same_corpus(tokenizer: ImageIdTokenizer, corpus: datasets.Dataset) -> None:
+    missing = set(corpus["image_key"]) - set(tokenizer.identifier_table.keys)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} corpus images (e.g. {sorted(missing)[:3]}) have no identifier in the checkpoint's "
+            "identifier table; continue training only on the corpus the checkpoint was built for"
+        )
+
+
+def _with_lora(model: GcmrForRetrieval, model_args: ModelArguments):
+    """LoRA on the backbone attention; the new parts (identifier embeddings, head, image projector) train fully."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=model.lora_modules_to_save(),
+    )
+    peft_model = get_peft_model(model, config)
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _merged(model) -> GcmrForRetrieval:
+    """A plain GcmrForRetrieval: LoRA adapters merged into the weights, so the published model needs no peft."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def _last_checkpoint(training_args: TrainingArguments) -> str | None:
+    if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir:
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    if last is not None:
+        logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last)
+    return last
+
+
+def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, model_args, training_args) -> dict:
+    from functools import partial
+
+    output_dir = training_args.output_dir
+    model.eval()
+    retrieve = partial(model.retrieve, tokenizer=tokenizer, num_beams=model_args.num_beams)
+    metrics = evaluate_retriever(
+        retrieve,
+        queries,
+        gold,
+        top_k=max(10, model_args.num_beams),
+        batch_size=training_args.per_device_eval_batch_size,
+        results_path=os.path.join(output_dir, "per_query_results.jsonl"),
+    )
+    results = {f"eval_{name}": value for name, value in metrics.items()}
+    logger.info("generative retrieval: %s", results)
+    if data_args.baseline:
+        from modeling_gcmr.dual_encoder_gcmr import train_dual_encoder
+
+        dense = train_dual_encoder(train_corpus, seed=training_args.seed)
+        baseline = evaluate_retriever(
+            dense.retrieve,
+            queries,
+            gold,
+            top_k=10,
+            batch_size=training_args.per_device_eval_batch_size,
+            results_path=os.path.join(output_dir, "per_query_results_dense.jsonl"),
+        )
+        results.update({f"eval_dense_{name}": value for name, value in baseline.items()})
+        logger.info("dense baseline: %s", {k: v for k, v in results.items() if k.startswith("eval_dense_")})
+    return results
+
+
+def _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args) -> None:
+    from modeling_gcmr.model_card_gcmr import build_model_card
+    from modeling_gcmr.publishing_gcmr import push_retriever_to_hub, save_retriever
+
+    card = build_model_card(
+        model=model,
+        tokenizer=tokenizer,
+        metrics={k[len("eval_"):]: v for k, v in results.items() if k.startswith("eval_")},
+        dataset_name=data_args.corpus or "synthetic shapes corpus",
+        training_args=training_args,
+    )
+    save_retriever(model, tokenizer, training_args.output_dir, card)
+    logger.info("saved the retriever to %s", training_args.output_dir)
+    if training_args.push_to_hub:
+        url = push_retriever_to_hub(model, tokenizer, training_args.hub_model_id, card)
+        logger.info("pushed the retriever to %s", url)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""GcmrConfig: the composite configuration of a generative cross-modal retriever."""
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class GcmrConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`GcmrForRetrieval`]: a sequence-to-sequence backbone that generates image identifiers,
+    an optional image tower, and the options of GRACE and ACE/CART.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the sequence-to-sequence backbone: any config that `AutoModelForSeq2SeqLM.from_config`
+            builds. A T5 config (t5-small shape) by default; an `EncoderDecoderConfig` pairs an encoder such as
+            BERT/MiniLM with a new decoder that has cross-attention.
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of an image tower built with `AutoModel.from_config` (CLIP vision, ViT or SigLIP vision). `None`
+            means images only enter as precomputed `image_embeds`.
+        image_embed_dim (`int`, *optional*):
+            Width of precomputed `image_embeds` (e.g. 512 for CLIP ViT-B/32 features). `None` means the model takes
+            no precomputed features.
+        num_visual_tokens (`int`, *optional*, defaults to 4):
+            How many encoder input vectors one image becomes. The projector maps a pooled feature to this many
+            vectors; patch features are pooled into this many groups first.
+        projector (`"linear"` or `"mlp"`, *optional*, defaults to `"mlp"`):
+            The map from image features to encoder input vectors: one linear layer, or linear-GELU-linear.
+        fusion (`"none"` or `"coarse_to_fine"`, *optional*, defaults to `"none"`):
+            `"coarse_to_fine"` adds ACE's fusion of all encoder layers into the decoder output (see
+            `fusion_gcmr.py`); `"none"` is the plain backbone (GRACE).
+        fusion_num_heads (`int`, *optional*, defaults to 4):
+            Attention heads of the fusion cross-attentions; must divide the decoder hidden size.
+        consistency_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the R-Drop consistency term (bidirectional KL between two dropout passes) added to the
+            cross-entropy while training. 0 turns it off (one pass).
+        max_identifier_length (`int`, *optional*, defaults to 0):
+            Longest identifier in tokens (without EOS), recorded by `set_identifier_vocabulary`; decoding stops
+            after it plus EOS. 0 means not set yet.
+        identifier_signature (`str`, *optional*):
+            Signature of the identifier vocabulary the embeddings were sized for (`tokenizer.identifier_signature`).
+            `retrieve()` refuses a tokenizer with a different one.
+        num_beams (`int`, *optional*, defaults to 10):
+            Default beam width of constrained decoding (10 in GRACE).
+        pad_token_id (`int`, *optional*):
+            Padding id; taken from the text config when not given.
+        eos_token_id (`int`, *optional*):
+            End-of-identifier id; taken from the text config (or its decoder) when not given.
+        decoder_start_token_id (`int`, *optional*):
+            First decoder input id; taken from the text config when not given, else the pad id (as in T5).
+    """
+
+    model_type = "gcmr"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="t5"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model", optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    image_embed_dim: int | None = None
+    num_visual_tokens: int = 4
+    projector: Literal["linear", "mlp"] = "mlp"
+    fusion: Literal["none", "coarse_to_fine"] = "none"
+    fusion_num_heads: int = 4
+    consistency_weight: float | int = 0.0
+    max_identifier_length: int = 0
+    identifier_signature: str | None = None
+    num_beams: int = 10
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        decoder = self.get_text_config(decoder=True)
+        if self.pad_token_id is None:
+            self.pad_token_id = _first_int(getattr(text, "pad_token_id", None), getattr(decoder, "pad_token_id", None))
+        if self.eos_token_id is None:
+            self.eos_token_id = _first_int(getattr(text, "eos_token_id", None), getattr(decoder, "eos_token_id", None))
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = _first_int(
+                getattr(text, "decoder_start_token_id", None),
+                getattr(decoder, "decoder_start_token_id", None),
+                self.pad_token_id,
+            )
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The backbone's config; for an `EncoderDecoderConfig`, its decoder (or encoder) config.
+
+        `generate()` sizes its cache from this, so it must be a config with `num_hidden_layers`.
+        """
+        return self.text_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    @property
+    def decoder_hidden_size(self) -> int:
+        """Hidden size of the decoder stack (what the LM head and the fusion read)."""
+        return int(self.get_text_config(decoder=True).hidden_size)
+
+    @property
+    def encoder_hidden_size(self) -> int:
+        """Hidden size of the encoder stack (what the visual tokens are projected to)."""
+        if getattr(self.text_config, "encoder", None) is not None:
+            return int(self.text_config.encoder.hidden_size)
+        return int(self.text_config.hidden_size)
+
+    def validate_gcmr(self):
+        """Part of `@strict` validation: choices and ranges the type hints do not enforce."""
+        if self.projector not in ("linear", "mlp"):
+            raise ValueError(f"`projector` must be 'linear' or 'mlp', got {self.projector!r}")
+        if self.fusion not in ("none", "coarse_to_fine"):
+            raise ValueError(f"`fusion` must be 'none' or 'coarse_to_fine', got {self.fusion!r}")
+        if self.num_visual_tokens < 1:
+            raise ValueError(f"`num_visual_tokens` must be >= 1, got {self.num_visual_tokens}")
+        if self.consistency_weight < 0:
+            raise ValueError(f"`consistency_weight` must be >= 0, got {self.consistency_weight}")
+        if self.max_identifier_length < 0:
+            raise ValueError(f"`max_identifier_length` must be >= 0, got {self.max_identifier_length}")
+        if self.num_beams < 1:
+            raise ValueError(f"`num_beams` must be >= 1, got {self.num_beams}")
+        if self.image_embed_dim is not None and self.image_embed_dim < 1:
+            raise ValueError(f"`image_embed_dim` must be >= 1 or None, got {self.image_embed_dim}")
+        if self.fusion != "none" and self.decoder_hidden_size % self.fusion_num_heads:
+            raise ValueError(
+                f"`fusion_num_heads` ({self.fusion_num_heads}) must divide the decoder hidden size "
+                f"({self.decoder_hidden_size})"
+            )
+
+
+def _first_int(*values) -> int | None:
+    """The first value that is an int (or a list of ints: its first), cast to a plain int; None if there is none."""
+    for value in values:
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if value is not None and not isinstance(value, bool):
+            return int(value)
+    return None
+
+
+__all__ = ["GcmrConfig"]

@@ -1,0 +1,164 @@
+"""Recall@K and MRR@10 over a whole query set, the per-query results file, and one path for every retriever.
+
+    retrieval_metrics(rankings, gold, ks=(1, 5, 10)) -> {"recall@1", "recall@5", "recall@10", "mrr@10", "num_queries"}
+    evaluate_retriever(retrieve_fn, queries, gold, top_k=10, results_path=None) -> the same dict
+    write_per_query_results(path, queries, gold, hits)      # JSONL, one line per query
+    save_results(path, results)                             # a results dict as JSON, atomic
+    plot_recall_curve(rankings_by_name, gold, path)         # Recall@k for k = 1..max_k, one line per system
+    RECALL_METRIC_PATH                                      # evaluate.load(RECALL_METRIC_PATH) works offline
+
+A query counts as found at rank r when the first of its gold keys in the ranking sits at position r (1-based);
+Recall@k is the fraction of queries found at rank <= k, MRR@10 the mean of 1/r over queries found at rank <= 10
+(0 for the others). A gold entry may be one key or a set of keys (any of them counts). Rankings are
+deduplicated first: a repeated key keeps its first position and the later copies take no rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+RECALL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "gcmr_recall")
+MRR_CUTOFF = 10
+
+Gold = str | Sequence[str] | set[str] | frozenset[str]
+RetrieveFn = Callable[..., list[list[tuple[str, float]]]]
+
+
+def first_relevant_rank(ranking: Sequence[str], gold: Gold) -> int | None:
+    """1-based position of the first gold key among the distinct keys of `ranking`, or None when none is in it."""
+    relevant = _as_set(gold)
+    for position, key in enumerate(dict.fromkeys(ranking), start=1):
+        if key in relevant:
+            return position
+    return None
+
+
+def retrieval_metrics(
+    rankings: Sequence[Sequence[str]], gold: Sequence[Gold], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k for each k in `ks` and MRR@10 over all queries; `rankings[i]` is query i's keys, best first."""
+    if len(rankings) != len(gold):
+        raise ValueError(f"got {len(rankings)} rankings for {len(gold)} gold entries; expected one per query")
+    if not rankings:
+        raise ValueError("retrieval_metrics needs at least one query")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
+    ranks = [first_relevant_rank(ranking, g) for ranking, g in zip(rankings, gold)]
+    n = len(ranks)
+    metrics: dict[str, float] = {f"recall@{k}": sum(r is not None and r <= k for r in ranks) / n for k in sorted(set(ks))}
+    metrics[f"mrr@{MRR_CUTOFF}"] = sum(1.0 / r for r in ranks if r is not None and r <= MRR_CUTOFF) / n
+    metrics["num_queries"] = n
+    return metrics
+
+
+def write_per_query_results(
+    path: str | os.PathLike,
+    queries: Sequence[str],
+    gold: Sequence[Gold],
+    hits: Sequence[Sequence[tuple[str, float]]],
+) -> Path:
+    """Write one JSON line per query: `query`, `gold` (key or sorted key list), `rank` (or null), `hits`.
+
+    `hits` holds `{"key", "score"}` objects, best first. The file is written under a temporary name and renamed.
+    """
+    if not len(queries) == len(gold) == len(hits):
+        raise ValueError(f"got {len(queries)} queries, {len(gold)} gold entries and {len(hits)} hit lists")
+    lines = []
+    for query, g, query_hits in zip(queries, gold, hits):
+        record = {
+            "query": query,
+            "gold": g if isinstance(g, str) else sorted(g),
+            "rank": first_relevant_rank([key for key, _ in query_hits], g),
+            "hits": [{"key": key, "score": float(score)} for key, score in query_hits],
+        }
+        lines.append(json.dumps(record) + "\n")
+    return _atomic_write(Path(path), lambda f: f.writelines(lines), mode="w")
+
+
+def save_results(path: str | os.PathLike, results: Mapping) -> Path:
+    """Write a results dict (metrics, settings) as indented JSON under a temporary name, then rename."""
+    text = json.dumps(results, indent=2, sort_keys=True) + "\n"
+    return _atomic_write(Path(path), lambda f: f.write(text), mode="w")
+
+
+def evaluate_retriever(
+    retrieve_fn: RetrieveFn,
+    queries: Sequence[str],
+    gold: Sequence[Gold],
+    *,
+    top_k: int = 10,
+    batch_size: int = 64,
+    ks: Sequence[int] = (1, 5, 10),
+    results_path: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """Run any retriever over `queries` in batches and score it with `retrieval_metrics`.
+
+    `retrieve_fn(batch_of_queries, top_k=top_k)` returns one list of `(image_key, score)` pairs per query, best
+    first: `functools.partial(model.retrieve, tokenizer=tokenizer)` for the generative model, or
+    `DualEncoderRetriever.retrieve` for the dense baseline. With `results_path` the per-query file is written too.
+    """
+    if len(queries) != len(gold):
+        raise ValueError(f"got {len(queries)} queries for {len(gold)} gold entries; expected one per query")
+    if top_k < max(ks):
+        raise ValueError(f"top_k={top_k} is below the largest k in ks={tuple(ks)}")
+    hits: list[list[tuple[str, float]]] = []
+    for start in tqdm(range(0, len(queries), batch_size), desc="retrieving", unit="batch"):
+        batch = list(queries[start : start + batch_size])
+        batch_hits = retrieve_fn(batch, top_k=top_k)
+        if len(batch_hits) != len(batch):
+            raise ValueError(f"retriever returned {len(batch_hits)} hit lists for a batch of {len(batch)} queries")
+        hits.extend([(str(key), float(score)) for key, score in query_hits] for query_hits in batch_hits)
+    if results_path is not None:
+        write_per_query_results(results_path, queries, gold, hits)
+    return retrieval_metrics([[key for key, _ in h] for h in hits], gold, ks=ks)
+
+
+def plot_recall_curve(
+    rankings_by_name: Mapping[str, Sequence[Sequence[str]]],
+    gold: Sequence[Gold],
+    path: str | os.PathLike,
+    max_k: int = 10,
+) -> Path:
+    """Plot Recall@k against k = 1..max_k, one line per system (all ranked for the same queries); PNG, atomic."""
+    if not rankings_by_name:
+        raise ValueError("plot_recall_curve needs at least one system")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(range(1, max_k + 1))
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for name, rankings in rankings_by_name.items():
+        metrics = retrieval_metrics(rankings, gold, ks=ks)
+        axes.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=name)
+    axes.set(xlabel="k", ylabel="Recall@k", ylim=(0, 1.02), xticks=ks, title=f"Recall@k over {len(gold)} queries")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    try:
+        return _atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=120), mode="wb")
+    finally:
+        plt.close(figure)
+
+
+def _as_set(gold: Gold) -> set[str]:
+    return {gold} if isinstance(gold, str) else set(gold)
+
+
+def _atomic_write(path: Path, write: Callable, mode: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return path

@@ -1,0 +1,315 @@
+"""The two training steps of GRACE as one `datasets.Dataset`, and Recall@K evaluation inside `transformers.Trainer`.
+
+*Learning to memorize* maps an image to its identifier; *learning to retrieve* maps a caption (or a
+pseudo-query) to it. `build_training_examples` turns a corpus into rows tagged with their `task`, ready for
+`GcmrDataCollator` (`collator_gcmr.py`) and a plain `Trainer`.
+
+Schedules:
+  * ``joint`` (GRACE): memorize and retrieve rows mixed; the Trainer's random sampler mixes them in every batch.
+  * ``sequential``: all memorize rows (``phase_epochs`` passes, each reshuffled) followed by all retrieve rows
+    (``phase_epochs`` passes). Train it with ``TrainingArguments(train_sampling_strategy="sequential")`` so the
+    Trainer keeps that order; one Trainer epoch is then the whole curriculum, and more epochs repeat it. The
+    order lives in the data, not in a sampler, so `resume_from_checkpoint` (which skips consumed batches) and
+    multi-process sharding (accelerate splits the ordered batches) keep working unchanged.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import datasets
+import numpy as np
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+MEMORIZE, RETRIEVE = "memorize", "retrieve"
+IMAGE_COLUMNS = ("image", "image_embeds")
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TrainingExamplesConfig:
+    """How the corpus becomes memorize and retrieve examples."""
+
+    schedule: Literal["joint", "sequential"] = field(
+        default="joint",
+        metadata={"help": "'joint': mixed and shuffled (GRACE). 'sequential': all memorize rows, then all retrieve rows."},
+    )
+    memorize_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Expected memorize examples per image: the integer part is repeated, the fraction is sampled "
+            "(0.5 = a random half of the images)."
+        },
+    )
+    retrieve_ratio: float = field(
+        default=1.0, metadata={"help": "Expected retrieve examples per caption or pseudo-query, like memorize_ratio."}
+    )
+    use_pseudo_queries: bool = field(
+        default=True,
+        metadata={"help": "Turn pseudo-queries (the 'pseudo_queries' column, or the mapping given) into retrieve rows."},
+    )
+    memorize_prompt: str = field(
+        default="", metadata={"help": "Text that accompanies the image in a memorize example (the task cue)."}
+    )
+    train_splits: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "With a 'split' column: the splits whose captions are training queries. Images of other "
+            "splits are only memorized (and take pseudo-queries). None: every caption trains."
+        },
+    )
+    phase_epochs: int = field(
+        default=1, metadata={"help": "Sequential schedule: passes over each phase inside one Trainer epoch."}
+    )
+    max_query_length: int = field(default=64, metadata={"help": "Queries are truncated to this many tokens."})
+    seed: int = field(default=0, metadata={"help": "Seed of ratio sampling and shuffling."})
+
+    def __post_init__(self):
+        if self.schedule not in ("joint", "sequential"):
+            raise ValueError(f"schedule must be 'joint' or 'sequential', got {self.schedule!r}")
+        for name in ("memorize_ratio", "retrieve_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.memorize_ratio == 0 and self.retrieve_ratio == 0:
+            raise ValueError("memorize_ratio and retrieve_ratio are both 0: there would be no training example")
+        if self.phase_epochs < 1:
+            raise ValueError(f"phase_epochs must be >= 1, got {self.phase_epochs}")
+        if self.max_query_length < 2:
+            raise ValueError(f"max_query_length must be >= 2, got {self.max_query_length}")
+        if self.train_splits is not None:
+            self.train_splits = tuple(self.train_splits)
+
+
+def build_training_examples(
+    corpus: datasets.Dataset,
+    tokenizer,
+    config: TrainingExamplesConfig | None = None,
+    pseudo_queries: Mapping[str, Sequence[str]] | None = None,
+) -> datasets.Dataset:
+    """Memorize and retrieve rows for `corpus` (columns from `load_corpus`), labelled by `tokenizer` (`ImageIdTokenizer`).
+
+    Rows carry `task`, `image_key`, `input_ids` (the query, or the memorize prompt), `labels` (identifier ids +
+    EOS) and the corpus' image columns (`image` and/or `image_embeds`: filled for memorize rows, None for
+    retrieve rows). `pseudo_queries` maps image keys to extra queries (e.g. generated captions); they add to a
+    `pseudo_queries` column when the corpus has one.
+    """
+    config = config or TrainingExamplesConfig()
+    _check_corpus(corpus, config)
+    rng = np.random.default_rng(config.seed)
+    keys = list(corpus["image_key"])
+    queries = _training_queries(corpus, config, pseudo_queries)
+    labels = dict(zip(keys, tokenizer.encode_identifiers(keys)))
+
+    memorize_rows = np.repeat(np.arange(len(keys)), _copies(len(keys), config.memorize_ratio, rng))
+    query_pairs = [(key, text) for key in keys for text in queries[key]]
+    retrieve_pairs = [query_pairs[i] for i in np.repeat(np.arange(len(query_pairs)), _copies(len(query_pairs), config.retrieve_ratio, rng))]
+
+    memorize = _memorize_rows(corpus, memorize_rows, tokenizer, labels, config)
+    retrieve = _retrieve_rows(retrieve_pairs, tokenizer, labels, config, memorize.features)
+    if config.schedule == "joint":
+        return datasets.concatenate_datasets([memorize, retrieve]).shuffle(seed=config.seed).flatten_indices()
+    phases = [
+        phase.shuffle(seed=config.seed + epoch)
+        for phase in (memorize, retrieve)
+        for epoch in range(config.phase_epochs)
+        if len(phase)
+    ]
+    return datasets.concatenate_datasets(phases).flatten_indices()
+
+
+def build_query_examples(queries: Sequence[str], gold_keys: Sequence[str], tokenizer, max_query_length: int = 64) -> datasets.Dataset:
+    """Retrieve rows for held-out queries (e.g. `split_captions(...).queries`), used as the Trainer's eval_dataset."""
+    if len(queries) != len(gold_keys):
+        raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
+    config = TrainingExamplesConfig(max_query_length=max_query_length)
+    labels = dict(zip(gold_keys, tokenizer.encode_identifiers(list(dict.fromkeys(gold_keys)))))
+    return _retrieve_rows(list(zip(gold_keys, queries)), tokenizer, labels, config, None)
+
+
+def _check_corpus(corpus: datasets.Dataset, config: TrainingExamplesConfig) -> None:
+    missing = [name for name in ("image_key", "captions") if name not in corpus.column_names]
+    if missing:
+        raise ValueError(f"corpus lacks column(s) {missing}; its columns are {corpus.column_names} (use load_corpus)")
+    if not any(name in corpus.column_names for name in IMAGE_COLUMNS):
+        raise ValueError(f"corpus has neither 'image' nor 'image_embeds'; its columns are {corpus.column_names}")
+    if config.train_splits is not None and "split" not in corpus.column_names:
+        raise ValueError(f"train_splits={config.train_splits} given, but the corpus has no 'split' column")
+
+
+def _training_queries(corpus, config, extra: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """The training queries of every image: its captions (in a training split) plus its pseudo-queries."""
+    keys = corpus["image_key"]
+    splits = corpus["split"] if config.train_splits is not None else [None] * len(keys)
+    queries = {
+        key: list(captions) if config.train_splits is None or split in config.train_splits else []
+        for key, captions, split in zip(keys, corpus["captions"], splits)
+    }
+    if not config.use_pseudo_queries:
+        return queries
+    if "pseudo_queries" in corpus.column_names:
+        for key, pseudo in zip(keys, corpus["pseudo_queries"]):
+            queries[key].extend(pseudo or [])
+    for key, pseudo in (extra or {}).items():
+        if key not in queries:
+            raise KeyError(f"pseudo_queries names image key {key!r}, which is not in the corpus")
+        queries[key].extend(pseudo)
+    return queries
+
+
+def _copies(count: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """How often each of `count` examples is used: floor(ratio), plus one for a random `frac(ratio)` share."""
+    whole, fraction = math.floor(ratio), ratio - math.floor(ratio)
+    return whole + (rng.random(count) < fraction).astype(np.int64)
+
+
+def _encode_queries(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def _memorize_rows(corpus, rows: np.ndarray, tokenizer, labels, config) -> datasets.Dataset:
+    image_columns = [name for name in IMAGE_COLUMNS if name in corpus.column_names]
+    memorize = corpus.select_columns(["image_key", *image_columns]).select(rows.tolist())
+    keys = memorize["image_key"]
+    prompt = _encode_queries(tokenizer, [config.memorize_prompt], config.max_query_length)[0]
+    memorize = memorize.add_column("task", [MEMORIZE] * len(keys))
+    memorize = memorize.add_column("input_ids", [prompt] * len(keys), feature=datasets.Sequence(datasets.Value("int32")))
+    memorize = memorize.add_column("labels", [labels[k] for k in keys], feature=datasets.Sequence(datasets.Value("int32")))
+    return memorize.select_columns(["task", "image_key", "input_ids", "labels", *image_columns]).flatten_indices()
+
+
+def _retrieve_rows(pairs, tokenizer, labels, config, image_features) -> datasets.Dataset:
+    keys = [key for key, _ in pairs]
+    features = {
+        "task": datasets.Value("string"),
+        "image_key": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+    }
+    data: dict[str, list[Any]] = {
+        "task": [RETRIEVE] * len(keys),
+        "image_key": keys,
+        "input_ids": _encode_queries(tokenizer, [text for _, text in pairs], config.max_query_length),
+        "labels": [labels[k] for k in keys],
+    }
+    for name in IMAGE_COLUMNS:
+        if image_features is not None and name in image_features:
+            features[name] = image_features[name]
+            data[name] = [None] * len(keys)
+    return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: Sequence[str] = ("q", "v")):
+    """Wrap `model.backbone` with peft LoRA adapters on its attention projections; return `model`.
+
+    Only the backbone is wrapped, so GCMR's own new parts (image projectors, vision tower, fusion) keep training
+    fully. The token embedding matrix (tied across encoder, decoder and LM head) stays trainable as well: the
+    identifier tokens are new rows that no adapter can learn. The Trainer saves the whole model, adapters
+    included, so `resume_from_checkpoint` works as usual; `merge_lora` folds the adapters in for publishing.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    model.backbone = get_peft_model(model.backbone, config)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA r=%d on %s: %d of %d parameters train (%.1f%%)", r, list(target_modules), trainable, total, 100 * trainable / total)
+    return model
+
+
+def merge_lora(model, adapter_dir: str | None = None):
+    """Fold the backbone's LoRA adapters into its weights (saving them to `adapter_dir` first, when given); return `model`."""
+    from peft import PeftModel
+
+    if not isinstance(model.backbone, PeftModel):
+        raise ValueError("the model's backbone has no LoRA adapters to merge (apply_lora was not called)")
+    if adapter_dir is not None:
+        model.backbone.save_pretrained(adapter_dir, save_embedding_layers=True)
+    model.backbone = model.backbone.merge_and_unload()
+    return model
+
+
+class RetrievalEvalCallback(TrainerCallback):
+    """Adds Recall@K and MRR@10 of trie-constrained decoding to every `Trainer` evaluation.
+
+    On each `on_evaluate`, the held-out `queries` are decoded with `model.retrieve` (each process decodes its
+    share; accelerate gathers them), and `eval_recall@K` / `eval_mrr@10` are added to the metrics that
+    `trainer.evaluate()` returns (so `metric_for_best_model="eval_recall@1"` works) and to the evaluation entry
+    of `trainer.state.log_history` (saved with every checkpoint). It keeps no state of its own, so resuming
+    from a checkpoint needs nothing from it.
+    """
+
+    def __init__(
+        self,
+        queries: Sequence[str],
+        gold_keys: Sequence[str],
+        tokenizer,
+        ks: Sequence[int] = (1, 5, 10),
+        num_beams: int | None = None,
+        batch_size: int = 32,
+        metric_key_prefix: str = "eval",
+    ):
+        if len(queries) != len(gold_keys):
+            raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
+        if not queries:
+            raise ValueError("RetrievalEvalCallback needs at least one held-out query")
+        self.queries, self.gold_keys = list(queries), list(gold_keys)
+        self.tokenizer, self.ks = tokenizer, tuple(ks)
+        self.num_beams, self.batch_size, self.prefix = num_beams, batch_size, metric_key_prefix
+
+    def compute(self, model) -> dict[str, float]:
+        """Decode every query (sharded over processes) and return the prefixed retrieval metrics."""
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        from .evaluation_gcmr import retrieval_metrics
+
+        was_training = model.training
+        model.eval()
+        try:
+            with PartialState().split_between_processes(list(range(len(self.queries)))) as shard:
+                hits = model.retrieve(
+                    [self.queries[i] for i in shard],
+                    self.tokenizer,
+                    top_k=max(self.ks + (10,)),
+                    num_beams=self.num_beams,
+                    batch_size=self.batch_size,
+                )
+            rankings = gather_object([[key for key, _ in ranked] for ranked in hits])
+        finally:
+            model.train(was_training)
+        metrics = retrieval_metrics(rankings, self.gold_keys, ks=self.ks)
+        return {f"{self.prefix}_{name}": float(value) for name, value in metrics.items()}
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        results = self.compute(model)
+        if metrics is not None:
+            metrics.update(results)
+        # Trainer.log appended the evaluation entry just before this event; extend that entry.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and f"{self.prefix}_loss" in last:
+            last.update(results)
+        else:
+            state.log_history.append({**results, "step": state.global_step, "epoch": state.epoch})
+        if state.is_world_process_zero:
+            logger.info("retrieval at step %d: %s", state.global_step, results)
+
+
+__all__ = [
+    "MEMORIZE",
+    "RETRIEVE",
+    "RetrievalEvalCallback",
+    "TrainingExamplesConfig",
+    "apply_lora",
+    "build_query_examples",
+    "build_training_examples",
+    "merge_lora",
+]

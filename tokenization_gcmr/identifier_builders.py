@@ -1,0 +1,439 @@
+"""``build_identifiers``: one unique identifier per image, for the six id_types of GRACE and ACE.
+
+Every builder returns an :class:`IdentifierTable`. Identifiers are unique whatever the data: types
+that can collide (string, semantic, coarse_fine) suffix every member of a colliding group with a
+uniqueness token ``<u_j>`` (j = its rank in the group, in key order), and the structured builder
+falls back to splitting by order where k-means cannot split a node. Same inputs and seed give the
+same table, bit for bit (on the same machine and library versions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .identifier_table import IdentifierTable
+from .residual_quantization import assign, kmeans_centroids, residual_kmeans, sample_rows, train_rqvae
+
+PROGRESS_MIN_ITEMS = 50_000
+# Squared distances of larger values overflow float32 inside k-means.
+MAX_ABS_EMBEDDING = 1e15
+_TYPES = {"int": int, "bool": bool, "float": (int, float), "str": str}
+
+
+class _Options:
+    """Checks every field against its annotation and its ``min`` / ``choices`` metadata."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            expected = _TYPES.get(spec.type)
+            if expected is not None and (
+                not isinstance(value, expected) or (spec.type != "bool" and isinstance(value, bool))
+            ):
+                raise ValueError(f"option {spec.name!r} must be {spec.type}, got {value!r}")
+            if "min" in spec.metadata and value < spec.metadata["min"]:
+                raise ValueError(f"option {spec.name!r} must be >= {spec.metadata['min']}, got {value!r}")
+            if "choices" in spec.metadata and value not in spec.metadata["choices"]:
+                raise ValueError(f"option {spec.name!r} must be one of {spec.metadata['choices']}, got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe values; a text tokenizer is recorded by its class name."""
+        resolved = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "text_tokenizer":
+                value = f"{type(value).__module__}.{type(value).__qualname__}"
+            resolved[spec.name] = value
+        return resolved
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+_TEXT_TOKENIZER_HELP = (
+    "The text tokenizer whose pieces spell the identifier: a transformers tokenizer (`.tokenize`) or a "
+    "`tokenizers.Tokenizer` (`.encode(text, add_special_tokens=False).tokens`). Required."
+)
+
+
+@dataclass(frozen=True)
+class NumericOptions(_Options):
+    """`numeric`: the decimal digits of a running index, fixed width, one shared token `<n_d>` per digit."""
+
+    shuffle: bool = _option(True, "Permute the running index with the seed, so digits carry no corpus order.")
+
+
+@dataclass(frozen=True)
+class StringOptions(_Options):
+    """`string`: the same (shuffled) running index as `numeric`, written as text and tokenized."""
+
+    text_tokenizer: Any = _option(None, _TEXT_TOKENIZER_HELP)
+    shuffle: bool = _option(True, "Permute the running index with the seed.")
+
+
+@dataclass(frozen=True)
+class SemanticOptions(_Options):
+    """`semantic` (GRACE): the text pieces of each image's first caption."""
+
+    text_tokenizer: Any = _option(None, _TEXT_TOKENIZER_HELP)
+    max_length: int = _option(16, "Keep at most this many caption pieces (before any uniqueness token).", min=1)
+
+
+@dataclass(frozen=True)
+class StructuredOptions(_Options):
+    """`structured` (GRACE): hierarchical k-means; tokens `<s{level}_{code}>`, the last one the leaf position."""
+
+    branching: int = _option(30, "k of the k-means at every node (GRACE: 30).", min=2)
+    leaf_size: int = _option(30, "A node of at most this many images becomes a leaf (GRACE: 30).", min=1)
+    kmeans_iterations: int = _option(20, "faiss k-means iterations per node.", min=1)
+    train_sample: int = _option(100_000, "Train each node's k-means on at most this many seeded rows.", min=2)
+
+
+@dataclass(frozen=True)
+class AtomicOptions(_Options):
+    """`atomic`: one new token `<a_i>` per image (no options)."""
+
+
+@dataclass(frozen=True)
+class CoarseFineOptions(_Options):
+    """`coarse_fine` (ACE): `<c_k>` coarse k-means token, `<f{level}_{code}>` residual tokens, `<u_j>` on collision."""
+
+    num_coarse: int = _option(256, "Clusters of the coarse k-means (capped at the number of training rows).", min=1)
+    num_levels: int = _option(3, "Fine residual-quantization levels M.", min=1)
+    codebook_size: int = _option(256, "Entries per fine codebook (capped at the number of training rows).", min=1)
+    fine_quantizer: str = _option(
+        "residual_kmeans",
+        "Fine quantizer: 'residual_kmeans' (faiss, deterministic, fast) or 'rqvae' (a trained torch RQ-VAE).",
+        choices=("residual_kmeans", "rqvae"),
+    )
+    kmeans_iterations: int = _option(20, "faiss k-means iterations (coarse, residual levels, RQ-VAE codebook init).", min=1)
+    train_sample: int = _option(100_000, "Train the quantizers on at most this many seeded rows.", min=1)
+    rqvae_hidden_dim: int = _option(256, "RQ-VAE: hidden width of the encoder and decoder MLPs.", min=1)
+    rqvae_latent_dim: int = _option(64, "RQ-VAE: latent (codebook) dimension.", min=1)
+    rqvae_epochs: int = _option(20, "RQ-VAE: passes over the training rows.", min=0)
+    rqvae_batch_size: int = _option(1024, "RQ-VAE: training batch size.", min=1)
+    rqvae_learning_rate: float = _option(1e-3, "RQ-VAE: Adam learning rate.", min=0.0)
+    rqvae_commitment_weight: float = _option(0.25, "RQ-VAE: weight of the commitment loss.", min=0.0)
+    rqvae_num_threads: int = _option(1, "RQ-VAE: torch threads while training (fixed for reproducibility).", min=1)
+
+
+# ----------------------------------------------------------------------------- packing helpers
+
+
+def _pack_levels(
+    local: np.ndarray, unit_name: Callable[[int, int], str], level_vectors: Callable[[int, np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Turn per-level codes (N, L; -1 padded) into unit indices; only codes in use become units."""
+    codes = np.full(local.shape, -1, dtype=np.int32)
+    units: list[str] = []
+    vectors = []
+    for level in range(local.shape[1]):
+        column = local[:, level]
+        valid = column >= 0
+        used = np.unique(column[valid])
+        codes[valid, level] = len(units) + np.searchsorted(used, column[valid])
+        units.extend(unit_name(level, int(code)) for code in used)
+        vectors.append(level_vectors(level, used))
+    return codes, units, np.concatenate(vectors).astype(np.float32)
+
+
+def _mean_embeddings(embeddings: np.ndarray, column: np.ndarray, used: np.ndarray) -> np.ndarray:
+    return np.stack([embeddings[column == code].mean(axis=0, dtype=np.float64) for code in used]).astype(np.float32)
+
+
+def _append_uniqueness(codes: np.ndarray, units: list[str]) -> tuple[np.ndarray, list[str], int]:
+    """Suffix `<u_j>` to every row that equals another row (j = its rank among them) or is empty.
+
+    Returns the new codes, the units with the `<u_j>` appended, and how many `<u_j>` were added.
+    """
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    lengths = (codes >= 0).sum(axis=1)
+    needs_suffix = (counts[inverse] > 1) | (lengths == 0)
+    if not needs_suffix.any():
+        return codes, units, 0
+    order = np.argsort(inverse, kind="stable")
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = np.arange(len(codes)) - group_start[inverse[order]]
+    num_suffixes = int(rank[needs_suffix].max()) + 1
+    width = codes.shape[1] + int((lengths[needs_suffix] == codes.shape[1]).any())
+    widened = np.full((len(codes), width), -1, dtype=np.int32)
+    widened[:, : codes.shape[1]] = codes
+    rows = np.flatnonzero(needs_suffix)
+    widened[rows, lengths[rows]] = len(units) + rank[rows]
+    return widened, units + [f"<u_{j}>" for j in range(num_suffixes)], num_suffixes
+
+
+def _tokenize(text_tokenizer: Any, texts: list[str]) -> list[list[str]]:
+    if isinstance(text_tokenizer, Tokenizer):
+        return [encoding.tokens for encoding in text_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    if hasattr(text_tokenizer, "tokenize"):
+        return [list(text_tokenizer.tokenize(text)) for text in texts]
+    raise ValueError(
+        f"text_tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, got {type(text_tokenizer).__name__}"
+    )
+
+
+def _text_table(pieces: list[list[str]]) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Codes over the text pieces (units in first-seen order, unit_is_text=True) plus `<u_j>` suffixes."""
+    vocabulary: dict[str, int] = {}
+    codes = np.full((len(pieces), max(1, max(len(seq) for seq in pieces))), -1, dtype=np.int32)
+    for row, seq in enumerate(pieces):
+        codes[row, : len(seq)] = [vocabulary.setdefault(piece, len(vocabulary)) for piece in seq]
+    codes, units, _ = _append_uniqueness(codes, list(vocabulary))
+    return codes, units, np.arange(len(units)) < len(vocabulary)
+
+
+def _running_index(num_items: int, shuffle: bool, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(num_items) if shuffle else np.arange(num_items)
+
+
+def _progress(total: int, description: str) -> tqdm:
+    return tqdm(total=total, desc=description, disable=True if total < PROGRESS_MIN_ITEMS else None)
+
+
+# ----------------------------------------------------------------------------- builders
+# Each returns (codes, units, unit_is_text, unit_vectors).
+
+
+def _build_numeric(opts: NumericOptions, seed: int, keys, embeddings, captions):
+    index = _running_index(len(keys), opts.shuffle, seed)
+    width = len(str(len(keys) - 1))
+    codes = (index[:, None] // 10 ** np.arange(width - 1, -1, -1)) % 10
+    return codes, [f"<n_{digit}>" for digit in range(10)], np.zeros(10, dtype=bool), None
+
+
+def _build_string(opts: StringOptions, seed: int, keys, embeddings, captions):
+    index = _running_index(len(keys), opts.shuffle, seed)
+    return (*_text_table(_tokenize(opts.text_tokenizer, [str(i) for i in index])), None)
+
+
+def _build_semantic(opts: SemanticOptions, seed: int, keys, embeddings, captions):
+    pieces = [seq[: opts.max_length] for seq in _tokenize(opts.text_tokenizer, captions)]
+    return (*_text_table(pieces), None)
+
+
+def _build_atomic(opts: AtomicOptions, seed: int, keys, embeddings, captions):
+    return np.arange(len(keys))[:, None], [f"<a_{i}>" for i in range(len(keys))], np.zeros(len(keys), dtype=bool), None
+
+
+def _split_node(x: np.ndarray, opts: StructuredOptions, seed: int, rng: np.random.Generator) -> np.ndarray:
+    """Child index (0..m-1, m >= 2) of every row of a node: k-means, or by order where k-means cannot split."""
+    k = min(opts.branching, len(x))
+    centroids = kmeans_centroids(x[sample_rows(len(x), opts.train_sample, rng)], k, seed, opts.kmeans_iterations)
+    labels = assign(x, centroids)
+    if labels.min() >= 0:
+        used, labels = np.unique(labels, return_inverse=True)
+        if len(used) > 1:
+            return labels.reshape(-1)
+    return np.arange(len(x)) * k // len(x)
+
+
+def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings, captions):
+    num_items = len(embeddings)
+    rng = np.random.default_rng(seed)
+    local = np.full((num_items, 4), -1, dtype=np.int64)
+    stack = [(np.arange(num_items), 0)]
+    with _progress(num_items, "structured identifiers") as bar:
+        while stack:
+            rows, depth = stack.pop()
+            if depth == local.shape[1]:
+                local = np.concatenate([local, np.full_like(local, -1)], axis=1)
+            if len(rows) <= opts.leaf_size:
+                local[rows, depth] = np.arange(len(rows))
+                bar.update(len(rows))
+                continue
+            labels = _split_node(embeddings[rows], opts, seed, rng)
+            local[rows, depth] = labels
+            order = np.argsort(labels, kind="stable")
+            children = np.split(rows[order], np.flatnonzero(np.diff(labels[order])) + 1)
+            stack.extend((child, depth + 1) for child in reversed(children))
+    local = local[:, : int((local >= 0).sum(axis=1).max())]
+    codes, units, vectors = _pack_levels(
+        local,
+        lambda level, code: f"<s{level}_{code}>",
+        lambda level, used: _mean_embeddings(embeddings, local[:, level], used),
+    )
+    return codes, units, np.zeros(len(units), dtype=bool), vectors
+
+
+def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, captions):
+    rng = np.random.default_rng(seed)
+    train_rows = sample_rows(len(embeddings), opts.train_sample, rng)
+    with _progress(len(embeddings), "coarse_fine identifiers") as bar:
+        num_coarse = min(opts.num_coarse, len(train_rows))
+        centroids = kmeans_centroids(embeddings[train_rows], num_coarse, seed, opts.kmeans_iterations)
+        coarse = assign(embeddings, centroids)
+        residuals = embeddings - centroids[coarse]
+        bar.set_postfix_str("fine levels")
+        if opts.fine_quantizer == "residual_kmeans":
+            fine, codebooks = residual_kmeans(
+                residuals, opts.num_levels, opts.codebook_size, seed, opts.kmeans_iterations, train_rows
+            )
+        else:
+            fine = train_rqvae(
+                residuals,
+                train_rows,
+                num_levels=opts.num_levels,
+                codebook_size=opts.codebook_size,
+                hidden_dim=opts.rqvae_hidden_dim,
+                latent_dim=opts.rqvae_latent_dim,
+                epochs=opts.rqvae_epochs,
+                batch_size=opts.rqvae_batch_size,
+                learning_rate=opts.rqvae_learning_rate,
+                commitment_weight=opts.rqvae_commitment_weight,
+                num_threads=opts.rqvae_num_threads,
+                seed=seed,
+                iterations=opts.kmeans_iterations,
+            )
+        del residuals
+        bar.update(len(embeddings))
+    local = np.concatenate([coarse[:, None], fine], axis=1)
+
+    def level_vectors(level: int, used: np.ndarray) -> np.ndarray:
+        if level == 0:
+            return centroids[used]
+        if opts.fine_quantizer == "residual_kmeans":
+            return codebooks[level - 1][used]
+        return _mean_embeddings(embeddings, local[:, level], used)
+
+    codes, units, vectors = _pack_levels(
+        local, lambda level, code: f"<c_{code}>" if level == 0 else f"<f{level}_{code}>", level_vectors
+    )
+    codes, units, num_suffixes = _append_uniqueness(codes, units)
+    vectors = np.concatenate([vectors, np.full((num_suffixes, vectors.shape[1]), np.nan, dtype=np.float32)])
+    return codes, units, np.zeros(len(units), dtype=bool), vectors
+
+
+_BUILDERS: dict[str, tuple[type, Callable]] = {
+    "numeric": (NumericOptions, _build_numeric),
+    "string": (StringOptions, _build_string),
+    "semantic": (SemanticOptions, _build_semantic),
+    "structured": (StructuredOptions, _build_structured),
+    "atomic": (AtomicOptions, _build_atomic),
+    "coarse_fine": (CoarseFineOptions, _build_coarse_fine),
+}
+ID_TYPES = tuple(_BUILDERS)
+OPTIONS_CLASSES = {id_type: spec[0] for id_type, spec in _BUILDERS.items()}
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__"):
+        raise ValueError(f"keys must be a sequence of strings, got {type(keys).__name__}")
+    keys = tuple(keys)
+    if not keys:
+        raise ValueError("keys is empty: an identifier table needs at least one image key")
+    first_row: dict[str, int] = {}
+    for row, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise ValueError(f"key at row {row} must be a string, got {type(key).__name__} {key!r}")
+        if not key.strip():
+            raise ValueError(f"key at row {row} is empty")
+        if key in first_row:
+            raise ValueError(f"duplicate key {key!r} at rows {first_row[key]} and {row}")
+        first_row[key] = row
+    return keys
+
+
+def _check_embeddings(embeddings: Any, num_keys: int) -> np.ndarray:
+    if hasattr(embeddings, "detach"):  # a torch tensor
+        embeddings = embeddings.detach().cpu().numpy()
+    array = np.asarray(embeddings)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"embeddings must be numbers, got dtype {array.dtype}")
+    if array.ndim != 2 or array.shape[1] < 1:
+        raise ValueError(f"embeddings must have shape (num_keys, dim) = ({num_keys}, D), got {array.shape}")
+    if array.shape[0] != num_keys:
+        raise ValueError(f"embeddings has {array.shape[0]} rows for {num_keys} keys")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"embeddings row {row} holds NaN or inf ({int(bad.sum())} such rows)")
+    if array.size and max(-float(array.min()), float(array.max())) > MAX_ABS_EMBEDDING:
+        row = int(np.flatnonzero((np.abs(array) > MAX_ABS_EMBEDDING).any(axis=1))[0])
+        raise ValueError(f"embeddings row {row} holds a value beyond +-{MAX_ABS_EMBEDDING:g}; normalize the embeddings")
+    return array
+
+
+def _first_captions(captions: Sequence[str | Sequence[str]], keys: tuple[str, ...]) -> list[str]:
+    if isinstance(captions, str) or len(captions) != len(keys):
+        count = "a single string" if isinstance(captions, str) else f"{len(captions)} entries"
+        raise ValueError(f"captions must hold one entry per key ({len(keys)}), got {count}")
+    first = []
+    for row, entry in enumerate(captions):
+        if not isinstance(entry, str):
+            entry = list(entry) if isinstance(entry, Sequence) else entry
+            if not isinstance(entry, list) or not entry:
+                raise ValueError(f"captions of row {row} (key {keys[row]!r}) must be a string or a non-empty list of strings")
+            entry = entry[0]
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"first caption of row {row} (key {keys[row]!r}) is empty or not a string: {entry!r}")
+        first.append(entry)
+    return first
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_identifiers(
+    keys: Sequence[str],
+    id_type: str,
+    embeddings: Any = None,
+    captions: Sequence[str | Sequence[str]] | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> IdentifierTable:
+    """Build one unique identifier per key.
+
+    Args:
+        keys: the image keys, unique non-empty strings; row ``i`` of the table names ``keys[i]``.
+        id_type: one of ``numeric``, ``string``, ``semantic``, ``structured``, ``atomic``, ``coarse_fine``.
+        embeddings: float array-like (N, D), finite; required by ``structured`` and ``coarse_fine``.
+        captions: per key a caption or a list of captions (the first is used); required by ``semantic``.
+        seed: seeds every random choice (shuffles, k-means, RQ-VAE); 0 <= seed < 2**31.
+        **options: the fields of the id_type's options class (:data:`OPTIONS_CLASSES`).
+    """
+    if id_type not in _BUILDERS:
+        raise ValueError(f"unknown id_type {id_type!r}; expected one of {', '.join(ID_TYPES)}")
+    options_class, builder = _BUILDERS[id_type]
+    valid = [spec.name for spec in fields(options_class)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for id_type {id_type!r}; valid options: {', '.join(valid) or '(none)'}"
+        )
+    opts = options_class(**options)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+    seed = int(seed)
+    keys = _check_keys(keys)
+    if embeddings is not None:
+        embeddings = _check_embeddings(embeddings, len(keys))
+    elif id_type in ("structured", "coarse_fine"):
+        raise ValueError(f"id_type {id_type!r} needs embeddings: a float array of shape ({len(keys)}, D)")
+    if captions is not None:
+        captions = _first_captions(captions, keys)
+    elif id_type == "semantic":
+        raise ValueError("id_type 'semantic' needs captions: one caption (or list of captions) per key")
+    if "text_tokenizer" in valid and opts.text_tokenizer is None:
+        raise ValueError(f"id_type {id_type!r} needs the option text_tokenizer= (a transformers or tokenizers tokenizer)")
+    codes, units, unit_is_text, unit_vectors = builder(opts, seed, keys, embeddings, captions)
+    return IdentifierTable(
+        keys=keys,
+        codes=codes,
+        units=units,
+        unit_is_text=unit_is_text,
+        id_type=id_type,
+        options={**opts.to_json(), "seed": seed},
+        unit_vectors=unit_vectors,
+    )

@@ -1,0 +1,196 @@
+"""K-means and residual quantizers behind the `structured` and `coarse_fine` identifiers.
+
+K-means comes from faiss (seeded, trained on a seeded subsample, then every point assigned in
+batches), so a million 512-d embeddings quantize in minutes on two cores. The RQ-VAE is a small
+torch module trained deterministically (seeded generator, deterministic algorithms, a fixed thread
+count) whose codebooks start from faiss k-means on the latents.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+ASSIGN_BATCH = 65_536
+# Below this many multiply-adds faiss runs on one OpenMP thread: on small inputs (tests, the thousands of
+# small nodes of a structured tree) thread start-up and spinning on shared cores cost 30x the work.
+PARALLEL_WORK = 1 << 26
+
+
+@contextlib.contextmanager
+def faiss_threads(work: int) -> Iterator[None]:
+    """One OpenMP thread for small work; the caller's thread count comes back afterwards."""
+    if work >= PARALLEL_WORK:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def sample_rows(num_rows: int, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices of a seeded subsample (all rows when there are few enough)."""
+    if num_rows <= max_rows:
+        return np.arange(num_rows)
+    return np.sort(rng.choice(num_rows, size=max_rows, replace=False))
+
+
+def kmeans_centroids(x: np.ndarray, k: int, seed: int, iterations: int) -> np.ndarray:
+    """faiss k-means on all of ``x`` (callers subsample first); float32 (k, D) centroids."""
+    kmeans = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        verbose=False,
+        # The caller already chose the training set: no faiss-side resampling, no "too few points" warning.
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, -(-len(x) // k)),
+    )
+    with faiss_threads(len(x) * k * x.shape[1] * iterations):
+        kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = ASSIGN_BATCH) -> np.ndarray:
+    """Nearest centroid of every row, int64; -1 where the distance is not a number."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    labels = np.empty(len(x), dtype=np.int64)
+    for start in range(0, len(x), batch_size):
+        block = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
+        with faiss_threads(len(block) * centroids.shape[0] * centroids.shape[1]):
+            _, found = index.search(block, 1)
+        labels[start : start + batch_size] = found[:, 0]
+    return labels
+
+
+def residual_kmeans(
+    residuals: np.ndarray, num_levels: int, codebook_size: int, seed: int, iterations: int, train_rows: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Greedy residual k-means: each level quantizes what the previous levels left over.
+
+    Works in place on ``residuals`` (the caller's copy) to keep a million rows in memory once.
+    Returns int64 codes (N, num_levels) and one codebook (k, D) per level.
+    """
+    codes = np.empty((len(residuals), num_levels), dtype=np.int64)
+    codebooks = []
+    k = min(codebook_size, len(train_rows))
+    for level in range(num_levels):
+        codebook = kmeans_centroids(residuals[train_rows], k, seed + level + 1, iterations)
+        for start in range(0, len(residuals), ASSIGN_BATCH):
+            block = residuals[start : start + ASSIGN_BATCH]
+            labels = assign(block, codebook)
+            codes[start : start + ASSIGN_BATCH, level] = labels
+            block -= codebook[labels]
+        codebooks.append(codebook)
+    return codes, codebooks
+
+
+@contextlib.contextmanager
+def deterministic_torch(num_threads: int) -> Iterator[None]:
+    """Deterministic algorithms, a fixed thread count and a private RNG state; the caller's come back."""
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        # fork_rng: seeding for the build must not change the caller's global torch random state.
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        torch.set_num_threads(previous_threads)
+
+
+class ResidualQuantizerVAE(nn.Module):
+    """RQ-VAE: an MLP encoder, ``num_levels`` residual codebooks in latent space, an MLP decoder."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, latent_dim: int, num_levels: int, codebook_size: int):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, latent_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, input_dim))
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.zeros(codebook_size, latent_dim)) for _ in range(num_levels)]
+        )
+
+    def quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes (B, M), the quantized latent, and the codebook + commitment terms (unweighted pair)."""
+        residual = latent
+        quantized = torch.zeros_like(latent)
+        codes, codebook_loss, commitment_loss = [], latent.new_zeros(()), latent.new_zeros(())
+        for codebook in self.codebooks:
+            code = torch.cdist(residual, codebook).argmin(dim=1)
+            entry = codebook[code]
+            codebook_loss = codebook_loss + (residual.detach() - entry).pow(2).mean()
+            commitment_loss = commitment_loss + (residual - entry.detach()).pow(2).mean()
+            quantized = quantized + entry
+            residual = residual - entry.detach()
+            codes.append(code)
+        return torch.stack(codes, dim=1), quantized, torch.stack([codebook_loss, commitment_loss])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self.encoder(x)
+        codes, quantized, (codebook_loss, commitment_loss) = self.quantize(latent)
+        # Straight-through: the decoder's gradient reaches the encoder as if quantization were identity.
+        reconstruction = self.decoder(latent + (quantized - latent).detach())
+        return codes, torch.stack([(reconstruction - x).pow(2).mean(), codebook_loss, commitment_loss])
+
+    @torch.no_grad()
+    def init_codebooks(self, x: torch.Tensor, seed: int, iterations: int) -> None:
+        """Start each level's codebook at faiss k-means of the latent residuals it will see."""
+        residual = self.encoder(x).numpy()
+        for level, codebook in enumerate(self.codebooks):
+            k = codebook.shape[0]
+            centroids = kmeans_centroids(residual, k, seed + level + 1, iterations)
+            codebook.copy_(torch.from_numpy(centroids))
+            residual = residual - centroids[assign(residual, centroids)]
+
+    @torch.no_grad()
+    def encode(self, x: np.ndarray, batch_size: int = ASSIGN_BATCH) -> np.ndarray:
+        codes = [self.quantize(self.encoder(torch.from_numpy(x[s : s + batch_size])))[0] for s in range(0, len(x), batch_size)]
+        return torch.cat(codes).numpy().astype(np.int64)
+
+
+def train_rqvae(
+    residuals: np.ndarray,
+    train_rows: np.ndarray,
+    *,
+    num_levels: int,
+    codebook_size: int,
+    hidden_dim: int,
+    latent_dim: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    commitment_weight: float,
+    num_threads: int,
+    seed: int,
+    iterations: int,
+) -> np.ndarray:
+    """Train an RQ-VAE on ``residuals[train_rows]`` and return int64 codes (N, num_levels) for all rows."""
+    with deterministic_torch(num_threads):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        train = torch.from_numpy(np.ascontiguousarray(residuals[train_rows], dtype=np.float32))
+        k = min(codebook_size, len(train))
+        model = ResidualQuantizerVAE(residuals.shape[1], hidden_dim, latent_dim, num_levels, k)
+        model.init_codebooks(train, seed, iterations)
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        weights = torch.tensor([1.0, 1.0, commitment_weight])
+        model.train()
+        for _ in range(epochs):
+            for batch in torch.randperm(len(train), generator=generator).split(batch_size):
+                _, losses = model(train[batch])
+                optimizer.zero_grad(set_to_none=True)
+                (losses * weights).sum().backward()
+                optimizer.step()
+        model.eval()
+        return model.encode(np.ascontiguousarray(residuals, dtype=np.float32))
