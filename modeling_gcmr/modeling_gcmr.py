@@ -214,7 +214,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             decoder_start_token_id=config.decoder_start_token_id,
             pad_token_id=config.pad_token_id,
             eos_token_id=config.eos_token_id,
-            num_beams=config.num_beams,
         )
 
     # ----------------------------------------------------------------------------------------------- backbone access

@@ -54,7 +54,7 @@ def text_tokenizer(caption_corpus):
 
 @pytest.fixture
 def make_id_tokenizer(text_tokenizer):
-    """Factory: ``make_id_tokenizer(table, text_tokenizer=None) -> ImageIdTokenizer``."""
+    """Factory: ``make_id_tokenizer(table, tokenizer=None) -> ImageIdTokenizer`` (default text vocab: `text_tokenizer`)."""
     from tokenization_gcmr.tokenization_gcmr import ImageIdTokenizer
 
     def make(table, tokenizer=None):

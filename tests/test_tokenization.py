@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
+from modeling_gcmr import GcmrConfig
 from subprocess_utils import run_without_package
 from tokenization_gcmr import (
     IdentifierTable,
@@ -106,7 +107,8 @@ def test_key_for_rejects_non_identifiers(prefix_table, make_id_tokenizer):
     assert tokenizer.key_for([c1]) == "k2"
     assert tokenizer.key_for([c1, eos]) == "k2"
     assert tokenizer.key_for(np.array([pad, c1, c0, f0, eos, pad, pad])) == "k3"
-    for not_an_id in ([c0], [c1, c0], [c0, f0, f0], [c1, eos, c0], [c0, pad, c1], [], [eos], [pad, pad], [5, 6]):
+    assert tokenizer.key_for(torch.tensor([c0, c1, eos, -100, -100])) == "k0"  # label padding
+    for not_an_id in ([c0], [c1, c0], [c0, f0, f0], [c1, eos, c0], [c0, pad, c1], [c0, -100, c1], [], [eos], [pad, pad], [5, 6]):
         assert tokenizer.key_for(not_an_id) is None, not_an_id
     assert tokenizer.keys_for([[c0, c1], [c0], [c0, f0, eos]]) == ["k0", None, "k1"]
     with pytest.raises(KeyError, match="'missing_key'"):
@@ -221,7 +223,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(saved, monkeypatch,
 
 
 def test_remote_code_loads_without_the_package(saved, tmp_path):
+    """Both layouts: a tokenizer-only folder (tokenizer_config auto_map) and a checkpoint with config.json."""
     tokenizer, folder = saved
+    checkpoint = str(tmp_path / "with_config")
+    GcmrConfig().save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    assert_same_tokenizer(AutoTokenizer.from_pretrained(checkpoint), tokenizer)  # registered for GcmrConfig
     code = f"""
     import json
     from transformers import AutoTokenizer
@@ -230,24 +237,28 @@ def test_remote_code_loads_without_the_package(saved, tmp_path):
         refused = False
     except ValueError:
         refused = True
-    tok = AutoTokenizer.from_pretrained({folder!r}, trust_remote_code=True)
-    keys = list(tok.keys)
-    print(json.dumps({{
-        "module": type(tok).__module__,
-        "refused": refused,
-        "queries": tok({QUERIES!r})["input_ids"],
-        "identifiers": [tok.identifier_ids(k) for k in keys],
-        "keys_back": tok.keys_for(tok.encode_identifiers(keys)),
-        "signature": tok.identifier_signature,
-    }}))
+    results = {{"refused": refused}}
+    for name, path in (("tokenizer_only", {folder!r}), ("checkpoint", {checkpoint!r})):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        keys = list(tok.keys)
+        results[name] = {{
+            "module": type(tok).__module__,
+            "queries": tok({QUERIES!r})["input_ids"],
+            "identifiers": [tok.identifier_ids(k) for k in keys],
+            "keys_back": tok.keys_for(tok.encode_identifiers(keys)),
+            "signature": tok.identifier_signature,
+        }}
+    print(json.dumps(results))
     """
     out = run_without_package(code, cwd=str(tmp_path))
-    assert out["module"].startswith("transformers_modules.")
     assert out["refused"]
-    assert out["queries"] == tokenizer(QUERIES)["input_ids"]
-    assert out["identifiers"] == [tokenizer.identifier_ids(k) for k in tokenizer.keys]
-    assert out["keys_back"] == list(tokenizer.keys)
-    assert out["signature"] == tokenizer.identifier_signature
+    for name in ("tokenizer_only", "checkpoint"):
+        result = out[name]
+        assert result["module"].startswith("transformers_modules."), name
+        assert result["queries"] == tokenizer(QUERIES)["input_ids"]
+        assert result["identifiers"] == [tokenizer.identifier_ids(k) for k in tokenizer.keys]
+        assert result["keys_back"] == list(tokenizer.keys)
+        assert result["signature"] == tokenizer.identifier_signature
 
 
 def truncate(path):
@@ -311,3 +322,12 @@ def test_trained_text_tokenizer_follows_t5_conventions(model, caption_corpus):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a red circle"
     with pytest.raises(ValueError, match="model must be"):
         train_text_tokenizer(caption_corpus, model="bpe")
+
+
+def test_identifier_signature_tracks_table_and_text_vocabulary(prefix_table, caption_corpus, corpus, text_tokenizer, make_id_tokenizer):
+    tokenizer = make_id_tokenizer(prefix_table)
+    assert tokenizer.identifier_signature == make_id_tokenizer(prefix_table).identifier_signature
+    other_table = make_id_tokenizer(build_table("atomic", corpus, text_tokenizer))
+    other_text = ImageIdTokenizer(bert_style_tokenizer(caption_corpus), prefix_table)
+    signatures = {tokenizer.identifier_signature, other_table.identifier_signature, other_text.identifier_signature}
+    assert len(signatures) == 3 and all(len(s) == 64 for s in signatures)

@@ -91,7 +91,9 @@ class StructuredOptions(_Options):
     branching: int = _option(30, "k of the k-means at every node (GRACE: 30).", min=2)
     leaf_size: int = _option(30, "A node of at most this many images becomes a leaf (GRACE: 30).", min=1)
     kmeans_iterations: int = _option(20, "faiss k-means iterations per node.", min=1)
-    train_sample: int = _option(100_000, "Train each node's k-means on at most this many seeded rows.", min=2)
+    train_sample: int = _option(
+        8_192, "Train each node's k-means on at most this many seeded rows (~256 per centroid at k=30).", min=2
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class CoarseFineOptions(_Options):
         choices=("residual_kmeans", "rqvae"),
     )
     kmeans_iterations: int = _option(20, "faiss k-means iterations (coarse, residual levels, RQ-VAE codebook init).", min=1)
-    train_sample: int = _option(100_000, "Train the quantizers on at most this many seeded rows.", min=1)
+    train_sample: int = _option(
+        65_536, "Train the quantizers (k-means, RQ-VAE) on at most this many seeded rows (256 per centroid).", min=1
+    )
     rqvae_hidden_dim: int = _option(256, "RQ-VAE: hidden width of the encoder and decoder MLPs.", min=1)
     rqvae_latent_dim: int = _option(64, "RQ-VAE: latent (codebook) dimension.", min=1)
     rqvae_epochs: int = _option(20, "RQ-VAE: passes over the training rows.", min=0)

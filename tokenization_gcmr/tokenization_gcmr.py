@@ -349,7 +349,10 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         return self.keys_for(np.asarray(token_ids, dtype=np.int64).reshape(1, -1))[0]
 
     def _strip_decoration(self, rows: np.ndarray) -> np.ndarray:
-        """Right-padded (-1) bare identifiers, or a row with a stray EOS / pad that the trie rejects."""
+        """Each row reduced to its bare identifier ids, right-padded with -1; a row that cannot be one becomes all -1.
+
+        Negative values (-1, the -100 of labels) count as padding like the pad token.
+        """
         rows = rows.copy()
         pad, eos = self.pad_token_id, self.eos_token_id
         if rows.size == 0:
@@ -367,8 +370,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         has_gap = ((rows < 0).cumsum(axis=1) > 0) & (rows >= 0)
         ends_with_eos = (lengths > 0) & (rows[np.arange(len(rows)), np.maximum(lengths - 1, 0)] == eos)
         rows[np.flatnonzero(ends_with_eos), lengths[ends_with_eos] - 1] = -1
-        # An EOS or a gap left inside the identifier makes the row invalid; lookup stops at the first
-        # EOS, so spell that out by emptying the row.
+        # lookup() stops at the first EOS or padding, so a row with either inside must be emptied here.
         bad = has_gap.any(axis=1) | (rows == eos).any(axis=1) | ((rows >= 0).sum(axis=1) == 0)
         rows[bad] = -1
         return rows
