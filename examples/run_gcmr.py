@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import datasets
@@ -29,6 +29,7 @@ import numpy as np
 import transformers
 from transformers import (
     AutoTokenizer,
+    BertConfig,
     CLIPVisionConfig,
     HfArgumentParser,
     T5Config,
@@ -39,14 +40,18 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.collator_gcmr import GcmrDataCollator
+from modeling_gcmr.collator_gcmr import GcmrDataCollator, build_image_processor
 from modeling_gcmr.data_gcmr import load_corpus, split_captions
 from modeling_gcmr.evaluation_gcmr import evaluate_retriever
+from modeling_gcmr.model_card_gcmr import build_model_card
+from modeling_gcmr.publishing_gcmr import push_retriever_to_hub, save_retriever
 from modeling_gcmr.training_gcmr import (
     RetrievalEvalCallback,
     TrainingExamplesConfig,
+    apply_lora,
     build_query_examples,
     build_training_examples,
+    merge_lora,
 )
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 from tokenization_gcmr.text_vocabulary import train_text_tokenizer
@@ -126,6 +131,8 @@ class DataArguments:
     memorize_prompt: str = field(default="", metadata={"help": "Text given with the image in memorize examples."})
     max_query_length: int = field(default=64, metadata={"help": "Truncate queries to this many tokens."})
     baseline: bool = field(default=False, metadata={"help": "Also train and evaluate the dense dual-encoder baseline."})
+    baseline_epochs: float = field(default=20.0, metadata={"help": "Training epochs of the dense baseline."})
+    baseline_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dense baseline."})
 
 
 @dataclass
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
     # The collator needs the task and image columns that forward() does not name.
     training_args.remove_unused_columns = False
+    # The retriever is pushed once, with its tokenizer and card, after evaluation (not the Trainer's checkpoints).
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     if data_args.schedule == "sequential":
         # The curriculum order lives in the dataset; the Trainer must not shuffle it.
         training_args.train_sampling_strategy = "sequential"
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.set_identifier_vocabulary(tokenizer, init=model_args.identifier_init)
     model.config.num_beams = model_args.num_beams
     if model_args.lora_r > 0:
-        model = _with_lora(model, model_args)
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
 
     example_config = TrainingExamplesConfig(
         schedule=data_args.schedule,
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
-        data_collator=GcmrDataCollator.from_config(_base(model).config, tokenizer),
+        data_collator=GcmrDataCollator.from_config(model.config, tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -210,13 +220,16 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.save_state()
         results.update(train_result.metrics)
 
+    # What follows runs once: decoding, the baseline and publishing need no other process.
     if not trainer.is_world_process_zero():
         return results
-    model = _merged(trainer.model)
+    model = trainer.model
+    if model_args.lora_r > 0:
+        model = merge_lora(model, adapter_dir=os.path.join(training_args.output_dir, "lora_adapter"))
     if training_args.do_eval and queries:
         results.update(_evaluate(model, tokenizer, corpus, captions.train, queries, gold, data_args, model_args, training_args))
         trainer.save_metrics("eval", {k: v for k, v in results.items() if k.startswith("eval_")})
-    _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args)
+    _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args, push_to_hub)
     return results
 
 
@@ -333,32 +346,6 @@ def _check_same_corpus(tokenizer: ImageIdTokenizer, corpus: datasets.Dataset) ->
         )
 
 
-def _with_lora(model: GcmrForRetrieval, model_args: ModelArguments):
-    """LoRA on the backbone attention; the new parts (identifier embeddings, head, image projector) train fully."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
-    config = LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=targets,
-        modules_to_save=model.lora_modules_to_save(),
-    )
-    peft_model = get_peft_model(model, config)
-    peft_model.print_trainable_parameters()
-    return peft_model
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _merged(model) -> GcmrForRetrieval:
-    """A plain GcmrForRetrieval: LoRA adapters merged into the weights, so the published model needs no peft."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
 def _last_checkpoint(training_args: TrainingArguments) -> str | None:
     if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir:
         return None
@@ -369,27 +356,23 @@ def _last_checkpoint(training_args: TrainingArguments) -> str | None:
 
 
 def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, model_args, training_args) -> dict:
-    from functools import partial
-
+    """Recall@1/5/10 and MRR@10 of trie-constrained decoding (and of the dense baseline) on the held-out queries."""
     output_dir = training_args.output_dir
     model.eval()
-    retrieve = partial(model.retrieve, tokenizer=tokenizer, num_beams=model_args.num_beams)
     metrics = evaluate_retriever(
-        retrieve,
+        partial(model.retrieve, tokenizer=tokenizer, num_beams=model_args.num_beams),
         queries,
         gold,
-        top_k=max(10, model_args.num_beams),
+        top_k=10,
         batch_size=training_args.per_device_eval_batch_size,
         results_path=os.path.join(output_dir, "per_query_results.jsonl"),
     )
     results = {f"eval_{name}": value for name, value in metrics.items()}
     logger.info("generative retrieval: %s", results)
     if data_args.baseline:
-        from modeling_gcmr.dual_encoder_gcmr import train_dual_encoder
-
-        dense = train_dual_encoder(train_corpus, seed=training_args.seed)
+        retriever = _train_dense_baseline(corpus, train_corpus, tokenizer, model.config, data_args, training_args)
         baseline = evaluate_retriever(
-            dense.retrieve,
+            retriever.retrieve,
             queries,
             gold,
             top_k=10,
@@ -401,22 +384,101 @@ def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, 
     return results
 
 
-def _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args) -> None:
-    from modeling_gcmr.model_card_gcmr import build_model_card
-    from modeling_gcmr.publishing_gcmr import push_retriever_to_hub, save_retriever
-
-    card = build_model_card(
-        model=model,
-        tokenizer=tokenizer,
-        metrics={k[len("eval_"):]: v for k, v in results.items() if k.startswith("eval_")},
-        dataset_name=data_args.corpus or "synthetic shapes corpus",
-        training_args=training_args,
+def _train_dense_baseline(corpus, train_corpus, tokenizer, gcmr_config, data_args, training_args):
+    """The CLIP-style dual encoder of the same size and image input, trained on the same training captions."""
+    from modeling_gcmr.dual_encoder_gcmr import (
+        DenseIndex,
+        DualEncoderCollator,
+        DualEncoderConfig,
+        DualEncoderModel,
+        DualEncoderRetriever,
+        caption_pairs,
     )
-    save_retriever(model, tokenizer, training_args.output_dir, card)
-    logger.info("saved the retriever to %s", training_args.output_dir)
-    if training_args.push_to_hub:
-        url = push_retriever_to_hub(model, tokenizer, training_args.hub_model_id, card)
-        logger.info("pushed the retriever to %s", url)
+    from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
+
+    text = gcmr_config.text_config
+    image = (
+        {"vision_config": gcmr_config.vision_config}
+        if gcmr_config.vision_config is not None
+        else {"image_embed_dim": gcmr_config.image_embed_dim}
+    )
+    config = DualEncoderConfig(
+        text_config=BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=int(text.d_model),
+            num_hidden_layers=int(text.num_layers),
+            num_attention_heads=int(text.num_heads),
+            intermediate_size=int(text.d_ff),
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        projection_dim=64,
+        **image,
+    )
+    set_seed(training_args.seed)
+    model = DualEncoderModel(config)
+    processor = build_image_processor(config.vision_config) if config.vision_config is not None else None
+    image_column = "image" if processor is not None else "image_embeds"
+    pairs = caption_pairs(train_corpus.select_columns(["image_key", "captions", image_column]))
+    args = TrainingArguments(
+        output_dir=os.path.join(training_args.output_dir, "dense_baseline"),
+        num_train_epochs=data_args.baseline_epochs,
+        learning_rate=data_args.baseline_learning_rate,
+        per_device_train_batch_size=training_args.per_device_train_batch_size,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=training_args.use_cpu,
+        seed=training_args.seed,
+        disable_tqdm=training_args.disable_tqdm,
+        logging_steps=training_args.logging_steps,
+    )
+    Trainer(model=model, args=args, train_dataset=pairs, data_collator=DualEncoderCollator(tokenizer, processor)).train()
+    model.eval()
+    embeddings = compute_image_embeddings(corpus.select_columns(["image_key", image_column]), model, image_processor=processor)
+    return DualEncoderRetriever(model, tokenizer, DenseIndex(corpus["image_key"], embeddings))
+
+
+def _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args, push_to_hub: bool) -> None:
+    """Write the model card and save the retriever to `<output_dir>/retriever` (and push it with --push_to_hub)."""
+    metrics = {k[len("eval_"):]: v for k, v in results.items() if k.startswith("eval_") and not k.startswith("eval_dense_")}
+    baseline = {k[len("eval_dense_"):]: v for k, v in results.items() if k.startswith("eval_dense_")}
+    hyperparameters = {
+        "id_type": id_args.id_type,
+        "schedule": data_args.schedule,
+        "memorize_ratio": data_args.memorize_ratio,
+        "retrieve_ratio": data_args.retrieve_ratio,
+        "learning_rate": training_args.learning_rate,
+        "train_batch_size": training_args.per_device_train_batch_size,
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "seed": training_args.seed,
+        "d_model": model_args.d_model,
+        "num_layers": model_args.num_layers,
+        "num_beams": model_args.num_beams,
+        **({"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha} if model_args.lora_r > 0 else {}),
+    }
+    name = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    card = None
+    if metrics:
+        card = build_model_card(
+            model_name=name,
+            id_type=id_args.id_type,
+            corpus_size=len(corpus),
+            dataset_name=data_args.corpus or "gcmr-synthetic-shapes",
+            training_args=hyperparameters,
+            metrics=metrics,
+            baseline_metrics=baseline or None,
+            repo_id=training_args.hub_model_id,
+            extra={"identifier_signature": tokenizer.identifier_signature[:16], "held_out_queries": int(metrics["num_queries"])},
+            eval_split="held-out captions",
+        )
+    folder = save_retriever(model, tokenizer, os.path.join(training_args.output_dir, "retriever"), card)
+    logger.info("saved the retriever to %s", folder)
+    if push_to_hub:
+        if not training_args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (the repo to push to)")
+        commit = push_retriever_to_hub(model, tokenizer, training_args.hub_model_id, card, token=getattr(training_args, "hub_token", None))
+        logger.info("pushed the retriever to %s (%s)", training_args.hub_model_id, commit.oid)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 _TRIE_KEYS = ("offsets", "child_tokens", "child_nodes", "eos_token_id", "vocab_size")
+# Score given to an allowed token that came in as -inf: fp16's lowest finite value, so every float dtype
+# holds it; far below any real log-probability, yet far above the -1e9 that beam search uses to mark an
+# empty hypothesis, and safe to sum over many steps (the dtype's own minimum would overflow to -inf).
+ALLOWED_FLOOR = float(torch.finfo(torch.float16).min)
 
 
 class _DeviceTrie:
@@ -113,9 +117,9 @@ class PrefixTrieLogitsProcessor(LogitsProcessor):
     Each call re-walks every row's generated prefix through the trie (beam search reorders the rows,
     so no state is kept between steps) with one vectorised `searchsorted` per prefix position, then
     keeps the scores of the allowed tokens and sets every other token to `-inf`. Allowed tokens scored
-    `-inf` (fp16/bf16 underflow, or another processor's ban) are raised to the dtype's lowest finite
-    value (at least on rows where no allowed token is finite), so such a row still picks one of them
-    rather than an out-of-trie token. The trie is copied to each device it meets once and cached.
+    `-inf` (fp16/bf16 underflow, or another processor's ban) are raised to `ALLOWED_FLOOR` (-65504, at
+    least on rows where no allowed token is finite), so such a row still picks one of them rather than
+    an out-of-trie token, also when beam search sums the scores over steps. The trie is copied to each device it meets once and cached.
     """
 
     # A step gathers (row, allowed token) pairs unless they outnumber this share of the score matrix,
@@ -173,12 +177,11 @@ class PrefixTrieLogitsProcessor(LogitsProcessor):
                              "resize the model's embeddings to the tokenizer (set_identifier_vocabulary)")
         trie = self._trie_on(scores.device)
         nodes = trie.walk(input_ids[:, self.num_skip_tokens:].to(scores.device))
-        floor = torch.finfo(scores.dtype).min
         total = int(trie.fanout[nodes].sum())
         if total <= self.dense_threshold * scores.numel():
             rows, edges = trie.edges_of(nodes)
             tokens = trie.tokens[edges]
-            allowed = scores[rows, tokens].nan_to_num(nan=floor, neginf=floor)
+            allowed = scores[rows, tokens].nan_to_num(nan=ALLOWED_FLOOR, neginf=ALLOWED_FLOOR)
             processed = scores.fill_(float("-inf")) if self.inplace else torch.full_like(scores, float("-inf"))
             processed[rows, tokens] = allowed
             return processed
@@ -191,10 +194,10 @@ class PrefixTrieLogitsProcessor(LogitsProcessor):
         banned = banned.expand(scores.shape[0], -1) if len(unique_nodes) == 1 else banned[inverse]
         processed = scores.masked_fill_(banned, float("-inf")) if self.inplace else scores.masked_fill(banned, float("-inf"))
         # Reading the row maxima is cheaper than raising every allowed -inf: only rows left with
-        # nothing finite need their allowed tokens lifted to `floor`.
+        # nothing finite need their allowed tokens lifted to ALLOWED_FLOOR.
         stuck = processed.amax(dim=-1).isneginf().nonzero().squeeze(-1)
         if len(stuck):
-            processed[stuck] = torch.where(banned[stuck], float("-inf"), floor).to(scores.dtype)
+            processed[stuck] = torch.where(banned[stuck], float("-inf"), ALLOWED_FLOOR).to(scores.dtype)
         return processed
 
     def key_indices(self, sequences: torch.Tensor) -> torch.Tensor:

@@ -253,17 +253,25 @@ def _text_vocab_model(tokenizer, **kwargs) -> GcmrForRetrieval:
     return tester.model(vocab=tokenizer.num_text_tokens, vision=None, **kwargs)
 
 
-def _id_tokenizer(make_id_tokenizer):
+def id_tokenizer(make_id_tokenizer, num_keys: int = 10, seed: int = 0):
+    """An ImageIdTokenizer over `num_keys` images with coarse-to-fine identifiers from random embeddings."""
     from tokenization_gcmr import build_identifiers
 
-    keys = [f"img{i}" for i in range(10)]
-    embeddings = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
-    table = build_identifiers(keys, "coarse_fine", embeddings=embeddings, seed=0)
+    keys = [f"img{i}" for i in range(num_keys)]
+    embeddings = np.random.default_rng(seed).normal(size=(num_keys, EMBED_DIM)).astype(np.float32)
+    table = build_identifiers(keys, "coarse_fine", embeddings=embeddings, seed=seed)
     return make_id_tokenizer(table)
 
 
+def retriever(tokenizer, seed: int = 0, **kwargs) -> GcmrForRetrieval:
+    """A tiny model (T5 by default, precomputed image features) sized for `tokenizer`'s identifiers."""
+    model = _text_vocab_model(tokenizer, seed=seed, **kwargs)
+    model.set_identifier_vocabulary(tokenizer, init="unit_vectors")
+    return model.eval()
+
+
 def test_set_identifier_vocabulary_resizes_and_records(make_id_tokenizer):
-    tokenizer = _id_tokenizer(make_id_tokenizer)
+    tokenizer = id_tokenizer(make_id_tokenizer)
     for backbone in ("t5", "encoder_decoder"):
         model = _text_vocab_model(tokenizer, backbone=backbone)
         model.set_identifier_vocabulary(tokenizer)
@@ -275,7 +283,7 @@ def test_set_identifier_vocabulary_resizes_and_records(make_id_tokenizer):
 
 
 def test_unit_vector_init_is_deterministic_and_scaled(make_id_tokenizer):
-    tokenizer = _id_tokenizer(make_id_tokenizer)
+    tokenizer = id_tokenizer(make_id_tokenizer)
     table = tokenizer.identifier_table
     first, second = _text_vocab_model(tokenizer, seed=0), _text_vocab_model(tokenizer, seed=1)
     first.set_identifier_vocabulary(tokenizer, init="unit_vectors")
@@ -304,7 +312,7 @@ def test_unit_vector_init_needs_unit_vectors(make_id_tokenizer):
 
 
 def test_gradient_reaches_identifier_token_embeddings(make_id_tokenizer):
-    tokenizer = _id_tokenizer(make_id_tokenizer)
+    tokenizer = id_tokenizer(make_id_tokenizer)
     for backbone in ("t5", "encoder_decoder"):
         model = _text_vocab_model(tokenizer, backbone=backbone).train()
         model.set_identifier_vocabulary(tokenizer)
