@@ -46,16 +46,27 @@ TEXT_VOCAB = 32_100
 EOS_TOKEN_ID = 1
 
 
-def gaussian_mixture(num_items: int, dim: int, num_clusters: int, seed: int) -> np.ndarray:
-    """Seeded clustered embeddings, built in float32 blocks so 1M x 512 stays near 2 GB."""
+def gaussian_mixture(num_items: int, dim: int, num_clusters: int, intrinsic_dim: int, seed: int) -> np.ndarray:
+    """Seeded clustered embeddings, built in float32 blocks so 1M x 512 stays near 2 GB.
+
+    Each component varies mostly inside a shared ``intrinsic_dim``-dimensional subspace (plus a little
+    isotropic noise), as real image embeddings do; ``intrinsic_dim=0`` gives isotropic components,
+    whose residuals are pure high-dimensional noise that no quantizer can tell apart.
+    """
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((num_clusters, dim), dtype=np.float32)
     spread = rng.uniform(0.2, 0.8, num_clusters).astype(np.float32)
+    basis = rng.standard_normal((max(intrinsic_dim, 1), dim), dtype=np.float32) / np.sqrt(max(intrinsic_dim, 1))
     labels = rng.integers(0, num_clusters, num_items)
     embeddings = np.empty((num_items, dim), dtype=np.float32)
     for start in range(0, num_items, 100_000):
         block = labels[start : start + 100_000]
-        noise = rng.standard_normal((len(block), dim), dtype=np.float32)
+        isotropic = rng.standard_normal((len(block), dim), dtype=np.float32)
+        if intrinsic_dim:
+            structured = rng.standard_normal((len(block), intrinsic_dim), dtype=np.float32) @ basis
+            noise = structured + 0.1 * isotropic
+        else:
+            noise = isotropic
         embeddings[start : start + len(block)] = centers[block] + spread[block, None] * noise
     return embeddings
 
@@ -129,6 +140,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,1000000", help="comma-separated corpus sizes")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=1000, help="Gaussian mixture components")
+    parser.add_argument("--intrinsic-dim", type=int, default=32, help="rank of each component's main variation (0: isotropic)")
     parser.add_argument("--rqvae-max-size", type=int, default=100_000, help="also build with the RQ-VAE up to this size")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the section of docs/identifiers.md")
     args = parser.parse_args()
@@ -139,12 +151,13 @@ def main() -> None:
         f"Measured on {platform.machine()} with {cpus} cores (1-minute load average {load:.1f} at start, the cores "
         f"being shared), faiss {faiss.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; embeddings {args.dim}-d float32 from a "
-        f"{args.clusters}-component Gaussian mixture; default options; command: "
-        f"`python benchmarks/build_identifiers.py --sizes {args.sizes}`."
+        f"{args.clusters}-component Gaussian mixture varying in a {args.intrinsic_dim}-d subspace (0 = isotropic); "
+        f"default options; command: `python benchmarks/build_identifiers.py --sizes {args.sizes} "
+        f"--intrinsic-dim {args.intrinsic_dim}`."
     )
     rows = []
     for size in (int(part) for part in args.sizes.split(",")):
-        embeddings = gaussian_mixture(size, args.dim, args.clusters, seed=size)
+        embeddings = gaussian_mixture(size, args.dim, args.clusters, args.intrinsic_dim, seed=size)
         keys = [f"image-{i:07d}" for i in range(size)]
         configs = [("structured", {}, "structured"), ("coarse_fine", {}, "coarse_fine residual_kmeans")]
         if size <= args.rqvae_max_size:

@@ -12,7 +12,7 @@ dense baseline on the same queries) -> write the model card -> save the checkpoi
         --do_train --do_eval --output_dir out --push_to_hub --hub_model_id you/gcmr-flowers
 
 Everything the Trainer offers applies unchanged: `torchrun --nproc_per_node N examples/run_gcmr.py ...`,
-`--deepspeed`, FSDP, `--resume_from_checkpoint`, `--eval_strategy epoch` (Recall@K lands in the log history).
+`--deepspeed`, FSDP, `--resume_from_checkpoint PATH|last`, `--eval_strategy epoch` (Recall@K lands in the log history).
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
 from modeling_gcmr.collator_gcmr import GcmrDataCollator, build_image_processor
@@ -79,6 +78,9 @@ class ModelArguments:
     num_layers: int = field(default=2, metadata={"help": "Encoder layers (and decoder layers) of the T5 backbone."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads of the T5 backbone."})
     dropout_rate: float = field(default=0.1, metadata={"help": "Dropout of the T5 backbone."})
+    image_size: int | None = field(
+        default=None, metadata={"help": "'pixels': input side of the vision tower; default: the synthetic image size, else 224."}
+    )
     vision_hidden_size: int = field(default=64, metadata={"help": "'pixels': hidden size of the CLIP-style vision tower."})
     vision_layers: int = field(default=2, metadata={"help": "'pixels': layers of the vision tower."})
     vision_patch_size: int = field(default=8, metadata={"help": "'pixels': patch size of the vision tower."})
@@ -214,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict = {}
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint or _last_checkpoint(training_args)
+        # "last" resumes from the newest checkpoint in output_dir, a path from that checkpoint.
+        checkpoint = training_args.resume_from_checkpoint
+        checkpoint = True if checkpoint == "last" else checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
@@ -245,6 +249,13 @@ def _setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    logger.warning(
+        "process rank: %d, device: %s, world size: %d, distributed training: %s",
+        training_args.process_index,
+        training_args.device,
+        training_args.world_size,
+        training_args.parallel_mode.value == "distributed",
+    )
     logger.info("training arguments: %s", training_args)
 
 
@@ -320,7 +331,7 @@ def _build_config(tokenizer, corpus, model_args: ModelArguments, data_args: Data
         image["image_embed_dim"] = len(corpus[0]["image_embeds"])
     else:
         image["vision_config"] = CLIPVisionConfig(
-            image_size=data_args.synthetic_image_size if data_args.corpus is None else 224,
+            image_size=model_args.image_size or (data_args.synthetic_image_size if data_args.corpus is None else 224),
             patch_size=model_args.vision_patch_size,
             hidden_size=model_args.vision_hidden_size,
             intermediate_size=2 * model_args.vision_hidden_size,
@@ -344,15 +355,6 @@ def _check_same_corpus(tokenizer: ImageIdTokenizer, corpus: datasets.Dataset) ->
             f"{len(missing)} corpus images (e.g. {sorted(missing)[:3]}) have no identifier in the checkpoint's "
             "identifier table; continue training only on the corpus the checkpoint was built for"
         )
-
-
-def _last_checkpoint(training_args: TrainingArguments) -> str | None:
-    if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir:
-        return None
-    last = get_last_checkpoint(training_args.output_dir)
-    if last is not None:
-        logger.info("resuming from %s (pass --overwrite_output_dir to start over)", last)
-    return last
 
 
 def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, model_args, training_args) -> dict:

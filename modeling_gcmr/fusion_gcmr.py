@@ -16,8 +16,8 @@ How this implementation differs from the paper, and why:
   weights); this keeps the parameter count independent of depth and lets the L attentions run as one batch.
 - Each layer's states pass one shared LayerNorm first: intermediate residual streams of pre-LN encoders (T5) are
   not normalised and differ in scale from layer to layer.
-- The attention output projections and the gate's input start at zero, so a freshly added fusion is an exact
-  no-op and training starts from the backbone's behaviour.
+- The output projections of both cross-attentions start at zero, so a freshly added fusion is an exact no-op and
+  training starts from the backbone's behaviour (the projections still get gradient, so the fusion learns).
 - For encoder-decoder pairs with different hidden sizes (e.g. a MiniLM encoder and a smaller decoder) the encoder
   states are first projected to the decoder's size.
 """
@@ -47,7 +47,8 @@ class FusionCrossAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
         """queries (N, T, D), memory (N, S, D), memory_mask (N, S) bool, True where a key may be attended."""
-        q, k, v = self._heads(self.query_proj(queries)), self._heads(self.key_proj(memory)), self._heads(self.value_proj(memory))
+        q = self._heads(self.query_proj(queries))
+        k, v = self._heads(self.key_proj(memory)), self._heads(self.value_proj(memory))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask[:, None, None, :])
         return self.out_proj(out.transpose(1, 2).reshape(queries.shape))
 

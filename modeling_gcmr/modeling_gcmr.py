@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from .configuration_gcmr import GcmrConfig
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
@@ -57,7 +57,8 @@ class GcmrSeq2SeqOutput(ModelOutput):
         loss: cross-entropy over the identifier tokens, plus the weighted R-Drop term when it is on.
         logits: (B, T, V) next-token scores (of the first dropout pass under R-Drop).
         cache: the decoder's key/value cache.
-        decoder_hidden_states: the decoder's final hidden states (after fusion), when `output_hidden_states`.
+        decoder_hidden_states: the decoder's final hidden states after fusion (coarse_to_fine only), when
+            `output_hidden_states`.
         encoder_last_hidden_state: (B, S, D) encoder output.
         encoder_hidden_states: per-layer encoder states, when `output_hidden_states`.
         encoder_attention_mask: (B, S) encoder mask including the visual slots.
@@ -114,7 +115,7 @@ class GcmrMultimodalEncoder(nn.Module):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        return_dict: bool | None = None,  # generate() always passes True; the output is always a ModelOutput
     ) -> GcmrEncoderOutput:
         return self._model.encode(
             input_ids=input_ids,
@@ -548,15 +549,15 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             cache / use_cache: the decoder key/value cache (`generate()` manages it).
         Other keyword arguments that `generate()` passes along are ignored.
         """
+        if encoder_outputs is not None:
+            encoder_outputs = _as_encoder_output(encoder_outputs, attention_mask)
         rdrop = labels is not None and self.training and self.config.consistency_weight > 0
         if rdrop:
             # two dropout passes as one doubled batch
-            input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds, labels = (
-                _twice(x) for x in (input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds, labels)
-            )
-            decoder_input_ids, decoder_attention_mask = _twice(decoder_input_ids), _twice(decoder_attention_mask)
+            input_ids, attention_mask, inputs_embeds, labels = map(_twice, (input_ids, attention_mask, inputs_embeds, labels))
+            pixel_values, image_embeds, image_mask = map(_twice, (pixel_values, image_embeds, image_mask))
+            decoder_input_ids, decoder_attention_mask = map(_twice, (decoder_input_ids, decoder_attention_mask))
             if encoder_outputs is not None:
-                encoder_outputs = _as_encoder_output(encoder_outputs, attention_mask)
                 encoder_outputs = GcmrEncoderOutput(**{k: _twice(v) for k, v in encoder_outputs.items()})
         if encoder_outputs is None:
             encoder_outputs = self.encode(
@@ -569,13 +570,13 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
                 output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
             )
-        else:
-            encoder_outputs = _as_encoder_output(encoder_outputs, attention_mask)
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = self._shift_right(labels)
         if labels is not None:
             use_cache = False
-        logits, states, cache = self._decode(encoder_outputs, decoder_input_ids, decoder_attention_mask, cache, use_cache)
+        logits, states, cache = self._decode(
+            encoder_outputs, decoder_input_ids, decoder_attention_mask, cache, use_cache
+        )
 
         loss = consistency = None
         if labels is not None:
@@ -658,13 +659,12 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             results: list[list[tuple[str, float]]] = []
             for start in starts:
                 stop = min(start + batch_size, total)
-                if queries is not None:
-                    inputs = dict(tokenizer(queries[start:stop], padding=True, truncation=True, return_tensors="pt"))
-                else:
-                    inputs = dict(tokenizer([prompt] * (stop - start), padding=True, truncation=True, return_tensors="pt"))
+                texts = queries[start:stop] if queries is not None else [prompt] * (stop - start)
+                encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+                inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask")}
+                if queries is None:
                     key = "image_embeds" if image_embeds is not None else "pixel_values"
                     inputs[key] = images[start:stop].to(self.device, torch.float32)
-                inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask", "image_embeds", "pixel_values")}
                 results.extend(constrained_retrieve(self, tokenizer, inputs, top_k=top_k, num_beams=num_beams))
             return results
         finally:

@@ -159,6 +159,9 @@ class PrefixTrieLogitsProcessor(LogitsProcessor):
             raise ValueError("trie edges must be strictly sorted by (node, token)")
         if len(nodes) and nodes.max() >= len(offsets) - 1:
             raise ValueError(f"trie 'child_nodes' point past the last node ({len(offsets) - 2})")
+        for name, token in (("eos_token_id", self.eos_token_id), ("pad_token_id", self.pad_token_id)):
+            if token is not None and not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name}={token} is outside the trie's vocabulary [0, {self.vocab_size})")
 
     def device_nbytes(self, device: torch.device | str) -> int:
         """Bytes of the trie copy (with its search keys) that this processor keeps on `device`."""

@@ -282,6 +282,7 @@ class RetrievalEvalCallback(TrainerCallback):
                     top_k=max(self.ks + (10,)),
                     num_beams=self.num_beams,
                     batch_size=self.batch_size,
+                    show_progress=False,
                 )
             rankings = gather_object([[key for key, _ in ranked] for ranked in hits])
         finally:

@@ -13,6 +13,7 @@ from transformers import (
     BertConfig,
     CLIPVisionConfig,
     EncoderDecoderConfig,
+    SiglipVisionConfig,
     T5Config,
     ViTConfig,
 )
@@ -54,6 +55,9 @@ class GcmrModelTester:
         if kind == "vit":
             return ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              image_size=IMAGE_SIZE, patch_size=8)
+        if kind == "siglip":
+            return SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8)
         return None
 
     def config(self, backbone="t5", fusion="none", vision="clip", dropout=0.1, vocab=VOCAB, **kwargs) -> GcmrConfig:
@@ -169,11 +173,20 @@ def test_rows_without_image_ignore_their_image_slot():
     assert not torch.allclose(model(**batch).logits[0], before[0])
 
 
-def test_vit_vision_tower_forward():
-    model = tester.model(vision="vit").train()
+@pytest.mark.parametrize("vision", ["vit", "siglip"])
+def test_other_vision_towers_forward(vision):
+    model = tester.model(vision=vision).train()
     out = model(**tester.batch("pixels"))
     out.loss.backward()
-    assert any(p.grad is not None for p in model.vision_tower.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tower.parameters())
+
+
+def test_several_feature_vectors_per_image_are_averaged():
+    model = tester.model(vision=None).eval()
+    batch = tester.batch("text")
+    features = torch.randn(tester.batch_size, 3, EMBED_DIM)
+    torch.testing.assert_close(model(**batch, image_embeds=features).logits,
+                               model(**batch, image_embeds=features.mean(dim=1)).logits)
 
 
 def test_vision_tower_runs_only_on_rows_with_an_image():
@@ -250,7 +263,8 @@ def test_rdrop_is_zero_without_dropout_and_off_in_eval():
 
 # -------------------------------------------------------------------------------------------- identifier vocabulary
 def _text_vocab_model(tokenizer, **kwargs) -> GcmrForRetrieval:
-    return tester.model(vocab=tokenizer.num_text_tokens, vision=None, **kwargs)
+    kwargs.setdefault("vision", None)
+    return tester.model(vocab=tokenizer.num_text_tokens, **kwargs)
 
 
 def id_tokenizer(make_id_tokenizer, num_keys: int = 10, seed: int = 0):
@@ -321,8 +335,8 @@ def test_gradient_reaches_identifier_token_embeddings(make_id_tokenizer):
         model(**inputs, labels=labels).loss.backward()
         new_ids = sorted(set(labels.flatten().tolist()) - set(range(tokenizer.num_text_tokens)))
         # identifiers are decoder-side tokens: the decoder's input embeddings and the LM head must learn them
-        decoder_side = [model.get_output_embeddings().weight, model.backbone.get_decoder().get_input_embeddings().weight]
-        for weight in decoder_side:
+        decoder_embeddings = model.backbone.get_decoder().get_input_embeddings()
+        for weight in (model.get_output_embeddings().weight, decoder_embeddings.weight):
             assert weight.grad[new_ids].abs().sum(-1).gt(0).all()
 
 
@@ -368,7 +382,8 @@ def test_missing_and_truncated_weights_give_clear_errors(tmp_path):
 def test_pixel_values_of_the_wrong_shape_are_rejected(shape, vision):
     model = tester.model(vision=vision).eval()
     batch = tester.batch("text")
-    with pytest.raises(ValueError, match=rf"pixel_values must have shape \(batch, 3, {IMAGE_SIZE}, {IMAGE_SIZE}\).*got"):
+    expected = rf"pixel_values must have shape \(batch, 3, {IMAGE_SIZE}, {IMAGE_SIZE}\).*got"
+    with pytest.raises(ValueError, match=expected):
         model(**batch, pixel_values=torch.zeros(shape))
 
 

@@ -172,11 +172,10 @@ def test_dense_sparse_and_inplace_variants_agree():
     rows = structured_ids() + [[TEXT + 20 + index] for index in range(8)]
     trie = make_trie(rows)
     generator = torch.Generator().manual_seed(1)
-    prefixes = [[PAD, *row[: int(torch.randint(0, len(row) + 1, (1,), generator=generator))]] for row in rows]
-    width = max(map(len, prefixes))
-    input_ids = torch.tensor([p + [EOS] + [PAD] * (width - len(p)) if len(p) < width else p for p in prefixes])
-    input_ids = input_ids[:, :width]  # rows shorter than `width` are finished rows padded by greedy search
-    scores = torch.randn(len(rows), VOCAB + 2, generator=generator)
+    # Live rows on many different nodes, finished rows (atomic ids after their EOS) and one off-trie row.
+    input_ids = torch.tensor([[PAD, *row[:2]] if len(row) >= 2 else [PAD, row[0], EOS] for row in rows]
+                             + [[PAD, 3, 4]])
+    scores = torch.randn(len(input_ids), VOCAB + 2, generator=generator)
     outputs = []
     for threshold in (1.0, 0.0):
         for inplace in (False, True):

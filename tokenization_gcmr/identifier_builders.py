@@ -198,8 +198,10 @@ def _running_index(num_items: int, shuffle: bool, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_items) if shuffle else np.arange(num_items)
 
 
-def _progress(total: int, description: str) -> tqdm:
-    return tqdm(total=total, desc=description, disable=True if total < PROGRESS_MIN_ITEMS else None)
+def _progress(num_items: int, description: str, steps: int | None = None, unit: str = "image") -> tqdm:
+    """A progress bar over ``steps`` (default: the images), shown for large builds on a terminal."""
+    disable = True if num_items < PROGRESS_MIN_ITEMS else None
+    return tqdm(total=steps or num_items, desc=description, unit=unit, disable=disable)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -253,7 +255,9 @@ def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings, capt
                 local[rows, depth] = np.arange(len(rows))
                 bar.update(len(rows))
                 continue
-            labels = _split_node(embeddings[rows], opts, seed, rng)
+            # The root's rows are all rows in order: no 2 GB copy at a million images.
+            node = embeddings if len(rows) == num_items else embeddings[rows]
+            labels = _split_node(node, opts, seed, rng)
             local[rows, depth] = labels
             order = np.argsort(labels, kind="stable")
             children = np.split(rows[order], np.flatnonzero(np.diff(labels[order])) + 1)
@@ -270,15 +274,19 @@ def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings, capt
 def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, captions):
     rng = np.random.default_rng(seed)
     train_rows = sample_rows(len(embeddings), opts.train_sample, rng)
-    with _progress(len(embeddings), "coarse_fine identifiers") as bar:
+    stages = 1 + (opts.num_levels if opts.fine_quantizer == "residual_kmeans" else 1)
+    with _progress(len(embeddings), "coarse_fine identifiers", stages, unit="level") as bar:
         num_coarse = min(opts.num_coarse, len(train_rows))
         centroids = kmeans_centroids(embeddings[train_rows], num_coarse, seed, opts.kmeans_iterations)
         coarse = assign(embeddings, centroids)
-        residuals = embeddings - centroids[coarse]
-        bar.set_postfix_str("fine levels")
+        residuals = np.empty_like(embeddings)
+        for start in range(0, len(embeddings), 65_536):  # blockwise: no second full-size temporary
+            block = slice(start, start + 65_536)
+            residuals[block] = embeddings[block] - centroids[coarse[block]]
+        bar.update()
         if opts.fine_quantizer == "residual_kmeans":
             fine, codebooks = residual_kmeans(
-                residuals, opts.num_levels, opts.codebook_size, seed, opts.kmeans_iterations, train_rows
+                residuals, opts.num_levels, opts.codebook_size, seed, opts.kmeans_iterations, train_rows, bar.update
             )
         else:
             fine = train_rqvae(
@@ -296,8 +304,8 @@ def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, cap
                 seed=seed,
                 iterations=opts.kmeans_iterations,
             )
+            bar.update()
         del residuals
-        bar.update(len(embeddings))
     local = np.concatenate([coarse[:, None], fine], axis=1)
 
     def level_vectors(level: int, used: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ count) whose codebooks start from faiss k-means on the latents.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -73,12 +73,18 @@ def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = ASSIGN_BATCH)
 
 
 def residual_kmeans(
-    residuals: np.ndarray, num_levels: int, codebook_size: int, seed: int, iterations: int, train_rows: np.ndarray
+    residuals: np.ndarray,
+    num_levels: int,
+    codebook_size: int,
+    seed: int,
+    iterations: int,
+    train_rows: np.ndarray,
+    on_level: Callable[[], object] = lambda: None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Greedy residual k-means: each level quantizes what the previous levels left over.
 
     Works in place on ``residuals`` (the caller's copy) to keep a million rows in memory once.
-    Returns int64 codes (N, num_levels) and one codebook (k, D) per level.
+    Returns int64 codes (N, num_levels) and one codebook (k, D) per level; calls ``on_level`` after each.
     """
     codes = np.empty((len(residuals), num_levels), dtype=np.int64)
     codebooks = []
@@ -91,6 +97,7 @@ def residual_kmeans(
             codes[start : start + ASSIGN_BATCH, level] = labels
             block -= codebook[labels]
         codebooks.append(codebook)
+        on_level()
     return codes, codebooks
 
 

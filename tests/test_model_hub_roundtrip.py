@@ -1,0 +1,104 @@
+"""A checkpoint folder (model + ImageIdTokenizer) loads with trust_remote_code=True in a process where the gcmr
+packages are not importable, and gives exactly the same retrieve() results; mismatched vocabularies fail loudly."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from subprocess_utils import run_without_package
+from test_modeling import EMBED_DIM, id_tokenizer, retriever
+
+QUERIES = ["a small red circle left of a blue square", "a big green star", "3 tiny pink rings above a cross"]
+
+
+def _image_queries() -> torch.Tensor:
+    return torch.randn(2, EMBED_DIM, generator=torch.Generator().manual_seed(5))
+
+
+def _results(model, tokenizer) -> dict:
+    return {
+        "text": model.retrieve(QUERIES, tokenizer, top_k=3, num_beams=4),
+        "text_greedy": model.retrieve(QUERIES[:1], tokenizer, top_k=1, num_beams=1),
+        "image": model.retrieve(tokenizer=tokenizer, image_embeds=_image_queries(), top_k=2, num_beams=3),
+    }
+
+
+def _as_json(results: dict) -> dict:
+    return json.loads(json.dumps(results))
+
+
+def test_remote_code_checkpoint_gives_the_same_retrieve_results(tmp_path, make_id_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    model = retriever(tokenizer, fusion="coarse_to_fine")
+    before = _results(model, tokenizer)
+    assert all(len(hits) == 3 for hits in before["text"])
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    # nothing is pickled: the folder holds safetensors and JSON next to the code
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in os.listdir(tmp_path))
+    image_queries = _image_queries().tolist()
+
+    after = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoTokenizer
+        folder = {str(tmp_path)!r}
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        assert not type(model).__module__.startswith("modeling_gcmr"), type(model).__module__
+        queries = {QUERIES!r}
+        results = {{
+            "text": model.retrieve(queries, tokenizer, top_k=3, num_beams=4),
+            "text_greedy": model.retrieve(queries[:1], tokenizer, top_k=1, num_beams=1),
+            "image": model.retrieve(tokenizer=tokenizer, image_embeds=torch.tensor({image_queries!r}), top_k=2,
+                                    num_beams=3),
+            "module": type(model).__module__,
+        }}
+        print(json.dumps(results))
+        """,
+        cwd=str(tmp_path),
+    )
+    assert after.pop("module").startswith("transformers_modules")
+    assert after == _as_json(before)
+
+
+def test_mismatched_identifier_vocabulary_is_refused(make_id_tokenizer, text_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    model = retriever(tokenizer)
+    other = id_tokenizer(make_id_tokenizer, seed=1)  # same size, different identifiers
+    assert len(other) == len(tokenizer) and other.identifier_signature != tokenizer.identifier_signature
+    with pytest.raises(ValueError, match="identifier vocabulary mismatch"):
+        model.retrieve(QUERIES, other)
+    bigger = id_tokenizer(make_id_tokenizer, num_keys=40)
+    model.config.identifier_signature = None  # a model that never recorded one still checks the size
+    with pytest.raises(ValueError, match=f"tokenizer has {len(bigger)} tokens.*{len(tokenizer)} rows"):
+        model.retrieve(QUERIES, bigger)
+    with pytest.raises(ValueError, match="no identifier vocabulary"):
+        model.retrieve(QUERIES, text_tokenizer)
+
+
+def test_retrieve_validates_its_arguments(make_id_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    model = retriever(tokenizer)
+    with pytest.raises(ValueError, match="exactly one of queries, image_embeds or pixel_values"):
+        model.retrieve(QUERIES, tokenizer, image_embeds=_image_queries())
+    with pytest.raises(ValueError, match="top_k"):
+        model.retrieve(QUERIES, tokenizer, top_k=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.retrieve(QUERIES, tokenizer, batch_size=0)
+    with pytest.raises(TypeError, match="item 1 is int"):
+        model.retrieve(["a red circle", 3], tokenizer)
+    # batching does not change the answers
+    assert model.retrieve(QUERIES, tokenizer, top_k=2, batch_size=1) == model.retrieve(QUERIES, tokenizer, top_k=2)
+
+
+def test_loaded_checkpoint_keeps_the_identifier_signature(tmp_path, make_id_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    retriever(tokenizer).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.config.identifier_signature == tokenizer.identifier_signature
+    assert loaded.config.max_identifier_length == tokenizer.max_identifier_length
