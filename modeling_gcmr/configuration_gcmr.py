@@ -26,8 +26,9 @@ class GcmrConfig(PreTrainedConfig):
             Width of precomputed `image_embeds` (e.g. 512 for CLIP ViT-B/32 features). `None` means the model takes
             no precomputed features.
         num_visual_tokens (`int`, *optional*, defaults to 4):
-            How many encoder input vectors one image becomes. The projector maps a pooled feature to this many
-            vectors; patch features are pooled into this many groups first.
+            How many encoder input vectors one image becomes; they are prepended to the text tokens. The projector
+            maps one feature vector (the tower's pooled output, or `image_embeds`, averaged over its `n` axis when
+            it has one) to this many vectors.
         projector (`"linear"` or `"mlp"`, *optional*, defaults to `"mlp"`):
             The map from image features to encoder input vectors: one linear layer, or linear-GELU-linear.
         fusion (`"none"` or `"coarse_to_fine"`, *optional*, defaults to `"none"`):

@@ -295,15 +295,15 @@ def constrained_retrieve(model: Any, tokenizer: Any, encoder_inputs: Mapping[str
         scores = output.sequences_scores
     else:
         # Greedy returns processed (masked) scores; the log-probability comes from the raw logits.
-        generated = sequences[:, num_skip_tokens:]
-        log_probs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in output.logits], dim=1)
-        token_log_probs = log_probs.gather(-1, generated[:, : log_probs.shape[1], None]).squeeze(-1)
-        ended_before = torch.cumsum(generated[:, : log_probs.shape[1]] == processor.eos_token_id, dim=1)
-        ended_before = ended_before - (generated[:, : log_probs.shape[1]] == processor.eos_token_id).long()
-        scores = token_log_probs.masked_fill(ended_before > 0, 0.0).sum(dim=1)
+        generated = sequences[:, num_skip_tokens : num_skip_tokens + len(output.logits)]
+        log_probs = torch.stack(output.logits, dim=1).float().log_softmax(dim=-1)
+        token_log_probs = log_probs.gather(-1, generated[..., None]).squeeze(-1)
+        is_eos = generated == processor.eos_token_id
+        after_eos = (torch.cumsum(is_eos, dim=1) - is_eos.long()) > 0  # the padding of finished rows
+        scores = token_log_probs.masked_fill(after_eos, 0.0).sum(dim=1)
     key_indices = processor.key_indices(sequences).view(-1, num_beams).tolist()
     scores = scores.float().view(-1, num_beams).tolist()
-    keys = tokenizer.identifier_table.keys
+    keys = tokenizer.keys
     results: list[list[tuple[str, float]]] = []
     for row_keys, row_scores in zip(key_indices, scores):
         hits: list[tuple[str, float]] = []

@@ -22,7 +22,7 @@ def test_run_gcmr_under_torchrun_two_processes(tmp_path):
     )
     log = proc.stdout + proc.stderr
     for rank in (0, 1):
-        assert f"process rank: {rank}, device: cpu, world size: 2, distributed training: True" in log
+        assert f"process rank: {rank}, device: cpu:0, world size: 2, distributed training: True" in log
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     train_entries = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in train_entries] == [1, 2, 3, 4]
