@@ -1,8 +1,8 @@
 """Build time, size on disk and shape of `structured` and `coarse_fine` identifier tables at scale.
 
 The corpus is a seeded synthetic Gaussian mixture (clustered like real image embeddings). For each
-size, it builds structured (GRACE defaults) and coarse_fine with the default residual k-means fine
-quantizer, plus the RQ-VAE one up to ``--rqvae-max-size``; it saves each table to measure its size
+size, it builds structured (GRACE defaults) and coarse_fine with both fine quantizers (the default
+RQ-VAE and residual k-means); it saves each table to measure its size
 and, when ``tokenization_gcmr.prefix_trie`` is there, builds the decoding trie over it. Results go
 to stdout as a markdown table, to ``benchmarks/results/build_identifiers.json`` and into the marked
 section of ``docs/identifiers.md``.
@@ -141,7 +141,6 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=1000, help="Gaussian mixture components")
     parser.add_argument("--intrinsic-dim", type=int, default=32, help="rank of each component's main variation (0: isotropic)")
-    parser.add_argument("--rqvae-max-size", type=int, default=100_000, help="also build with the RQ-VAE up to this size")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the section of docs/identifiers.md")
     args = parser.parse_args()
 
@@ -159,9 +158,11 @@ def main() -> None:
     for size in (int(part) for part in args.sizes.split(",")):
         embeddings = gaussian_mixture(size, args.dim, args.clusters, args.intrinsic_dim, seed=size)
         keys = [f"image-{i:07d}" for i in range(size)]
-        configs = [("structured", {}, "structured"), ("coarse_fine", {}, "coarse_fine residual_kmeans")]
-        if size <= args.rqvae_max_size:
-            configs.append(("coarse_fine", {"fine_quantizer": "rqvae"}, "coarse_fine rqvae"))
+        configs = [
+            ("structured", {}, "structured"),
+            ("coarse_fine", {}, "coarse_fine rqvae (default)"),
+            ("coarse_fine", {"fine_quantizer": "residual_kmeans"}, "coarse_fine residual_kmeans"),
+        ]
         for id_type, options, label in configs:
             row = measure(keys, embeddings, id_type, options, label)
             rows.append(row)

@@ -302,7 +302,7 @@ def write_section(path: str, command: str, body: str, args) -> None:
         f"Command: `{command}`",
         "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
-        f"jobs, torch {torch.__version__} with {torch.get_num_threads()} threads, no GPU. Model: random T5, "
+        f"jobs, torch {torch.__version__} on {torch.get_num_threads()} thread(s), no GPU. Model: random T5, "
         f"d_model 256, 4+4 layers, 4 heads, 32k text vocabulary + identifier tokens; batch {args.batch_size}, "
         f"queries of {QUERY_LENGTH} tokens; `max_new_tokens` = identifier depth + 1 (EOS), `length_penalty=0`. "
         f"Times are CPU seconds of the process (not wall time: the cores are shared, so wall time would "
@@ -330,6 +330,7 @@ def write_section(path: str, command: str, body: str, args) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
         handle.write(text)
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(handle.name, path)
 
 

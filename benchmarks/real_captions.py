@@ -21,23 +21,28 @@ Not part of `make test`.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Literal
 
-import datasets
-import numpy as np
-import torch
-import torch.nn.functional as F
-import transformers
-from tqdm.auto import tqdm
-from transformers import (
+# Spinning OpenMP threads waste the cores this machine shares; set before torch/faiss load their runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal  # noqa: E402
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import (  # noqa: E402
     AutoTokenizer,
     BertConfig,
     BertModel,
@@ -50,12 +55,12 @@ from transformers import (
     set_seed,
 )
 
-from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.collator_gcmr import GcmrDataCollator
-from modeling_gcmr.dual_encoder_gcmr import DenseIndex
-from modeling_gcmr.evaluation_gcmr import plot_recall_curve, retrieval_metrics, save_results, write_per_query_results
-from modeling_gcmr.training_gcmr import TrainingExamplesConfig, build_training_examples
-from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval  # noqa: E402
+from modeling_gcmr.collator_gcmr import GcmrDataCollator  # noqa: E402
+from modeling_gcmr.dual_encoder_gcmr import DenseIndex  # noqa: E402
+from modeling_gcmr.evaluation_gcmr import plot_recall_curve, retrieval_metrics, save_results, write_per_query_results  # noqa: E402
+from modeling_gcmr.training_gcmr import TrainingExamplesConfig, build_training_examples  # noqa: E402
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "captions"
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, file in ((generative_name, "per_query_generative.jsonl"), ("dense MiniLM (faiss IP)", "per_query_dense.jsonl")):
         write_per_query_results(out_dir / file, queries, gold, hits[name])
     results = {
-        "command": " ".join(["python", "benchmarks/real_captions.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "benchmarks/real_captions.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
         "setup": asdict(args),
         "num_images": len(keys),

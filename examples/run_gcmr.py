@@ -171,12 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.max_eval_queries is not None:
         queries, gold = queries[: data_args.max_eval_queries], gold[: data_args.max_eval_queries]
 
+    # The dense baseline is trained here, by every process, because it runs a Trainer of its own.
+    dense, dense_embeddings = None, None
     if model_args.model_name_or_path:
         tokenizer = ImageIdTokenizer.from_pretrained(model_args.model_name_or_path)
         model = GcmrForRetrieval.from_pretrained(model_args.model_name_or_path)
         _check_same_corpus(tokenizer, corpus)
+        if data_args.baseline:
+            dense, _ = _train_dense_baseline(corpus, captions.train, tokenizer, model_args, data_args, training_args)
     else:
-        tokenizer = _build_tokenizer(corpus, captions.train, model_args, data_args, id_args, training_args.seed)
+        text_tokenizer = _text_tokenizer(captions.train, model_args)
+        if data_args.baseline or data_args.image_encoder == "dual_encoder":
+            dense, dense_embeddings = _train_dense_baseline(corpus, captions.train, text_tokenizer, model_args, data_args, training_args)
+        embeddings = _identifier_embeddings(corpus, dense_embeddings, data_args)
+        tokenizer = _build_tokenizer(corpus, captions.train, text_tokenizer, embeddings, id_args, training_args.seed)
         model = GcmrForRetrieval(_build_config(tokenizer, corpus, model_args, data_args))
         model.set_identifier_vocabulary(tokenizer, init=model_args.identifier_init)
     model.config.num_beams = model_args.num_beams
@@ -231,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     if model_args.lora_r > 0:
         model = merge_lora(model, adapter_dir=os.path.join(training_args.output_dir, "lora_adapter"))
     if training_args.do_eval and queries:
-        results.update(_evaluate(model, tokenizer, corpus, captions.train, queries, gold, data_args, model_args, training_args))
+        results.update(_evaluate(model, tokenizer, dense if data_args.baseline else None, queries, gold, model_args, training_args))
         trainer.save_metrics("eval", {k: v for k, v in results.items() if k.startswith("eval_")})
     _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args, push_to_hub)
     return results
@@ -271,13 +279,6 @@ def _load(data_args: DataArguments, model_args: ModelArguments) -> datasets.Data
             captions_per_image=data_args.synthetic_captions_per_image,
             seed=0,
         )
-    if data_args.image_encoder != "precomputed":
-        from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
-
-        embeds = np.asarray(compute_image_embeddings(corpus, data_args.image_encoder), dtype=np.float32)
-        if "image_embeds" in corpus.column_names:
-            corpus = corpus.remove_columns("image_embeds")
-        corpus = corpus.add_column("image_embeds", embeds.tolist(), feature=datasets.Sequence(datasets.Value("float32")))
     needed = "image_embeds" if model_args.image_input == "embeds" else "image"
     if needed not in corpus.column_names:
         raise ValueError(
@@ -293,23 +294,51 @@ def _model_inputs(corpus: datasets.Dataset, model_args: ModelArguments) -> datas
     return corpus.remove_columns(drop) if drop in corpus.column_names else corpus
 
 
-def _build_tokenizer(corpus, train_corpus, model_args, data_args, id_args, seed: int) -> ImageIdTokenizer:
-    train_captions = [c for caps in train_corpus["captions"] for c in caps]
+def _text_tokenizer(train_corpus: datasets.Dataset, model_args: ModelArguments):
     if model_args.text_tokenizer:
-        text_tokenizer = AutoTokenizer.from_pretrained(model_args.text_tokenizer)
-    else:
-        text_tokenizer = train_text_tokenizer(train_captions, vocab_size=model_args.text_vocab_size)
+        return AutoTokenizer.from_pretrained(model_args.text_tokenizer)
+    train_captions = [c for caps in train_corpus["captions"] for c in caps]
+    return train_text_tokenizer(train_captions, vocab_size=model_args.text_vocab_size)
+
+
+def _identifier_embeddings(corpus: datasets.Dataset, dense_embeddings, data_args: DataArguments) -> np.ndarray | None:
+    """The image embeddings the identifiers are built from (None when the corpus has none and none are asked for)."""
+    if data_args.image_encoder == "precomputed":
+        return np.asarray(corpus["image_embeds"], dtype=np.float32) if "image_embeds" in corpus.column_names else None
+    from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
+
+    if data_args.image_encoder == "dual_encoder":
+        return dense_embeddings
+    return compute_image_embeddings(corpus, data_args.image_encoder)
+
+
+def _build_tokenizer(corpus, train_corpus, text_tokenizer, embeddings, id_args, seed: int) -> ImageIdTokenizer:
     options = json.loads(id_args.id_options)
     if not isinstance(options, dict):
         raise ValueError(f"--id_options must be a JSON object, got {id_args.id_options!r}")
     if id_args.id_type in ("string", "semantic"):
         options.setdefault("text_tokenizer", text_tokenizer)
-    embeddings = np.asarray(corpus["image_embeds"], dtype=np.float32) if "image_embeds" in corpus.column_names else None
     table = build_identifiers(
         list(corpus["image_key"]), id_args.id_type, embeddings=embeddings, captions=list(train_corpus["captions"]), seed=seed, **options
     )
     logger.info("built %s identifiers for %d images", id_args.id_type, len(table.keys))
     return ImageIdTokenizer(text_tokenizer, table)
+
+
+def _image_inputs(corpus: datasets.Dataset, model_args: ModelArguments, data_args: DataArguments) -> dict:
+    """How images enter both models: `image_embed_dim` of the corpus features, or a tiny CLIP-style vision config."""
+    if model_args.image_input == "embeds":
+        return {"image_embed_dim": len(corpus[0]["image_embeds"])}
+    return {
+        "vision_config": CLIPVisionConfig(
+            image_size=model_args.image_size or (data_args.synthetic_image_size if data_args.corpus is None else 224),
+            patch_size=model_args.vision_patch_size,
+            hidden_size=model_args.vision_hidden_size,
+            intermediate_size=2 * model_args.vision_hidden_size,
+            num_hidden_layers=model_args.vision_layers,
+            num_attention_heads=max(1, model_args.vision_hidden_size // 32),
+        )
+    }
 
 
 def _build_config(tokenizer, corpus, model_args: ModelArguments, data_args: DataArguments) -> GcmrConfig:
@@ -326,25 +355,13 @@ def _build_config(tokenizer, corpus, model_args: ModelArguments, data_args: Data
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    image = {}
-    if model_args.image_input == "embeds":
-        image["image_embed_dim"] = len(corpus[0]["image_embeds"])
-    else:
-        image["vision_config"] = CLIPVisionConfig(
-            image_size=model_args.image_size or (data_args.synthetic_image_size if data_args.corpus is None else 224),
-            patch_size=model_args.vision_patch_size,
-            hidden_size=model_args.vision_hidden_size,
-            intermediate_size=2 * model_args.vision_hidden_size,
-            num_hidden_layers=model_args.vision_layers,
-            num_attention_heads=max(1, model_args.vision_hidden_size // 32),
-        )
     return GcmrConfig(
         text_config=text_config,
         num_visual_tokens=model_args.num_visual_tokens,
         fusion=model_args.fusion,
         consistency_weight=model_args.consistency_weight,
         num_beams=model_args.num_beams,
-        **image,
+        **_image_inputs(corpus, model_args, data_args),
     )
 
 
@@ -357,7 +374,7 @@ def _check_same_corpus(tokenizer: ImageIdTokenizer, corpus: datasets.Dataset) ->
         )
 
 
-def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, model_args, training_args) -> dict:
+def _evaluate(model, tokenizer, dense, queries, gold, model_args, training_args) -> dict:
     """Recall@1/5/10 and MRR@10 of trie-constrained decoding (and of the dense baseline) on the held-out queries."""
     output_dir = training_args.output_dir
     model.eval()
@@ -371,10 +388,9 @@ def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, 
     )
     results = {f"eval_{name}": value for name, value in metrics.items()}
     logger.info("generative retrieval: %s", results)
-    if data_args.baseline:
-        retriever = _train_dense_baseline(corpus, train_corpus, tokenizer, model.config, data_args, training_args)
+    if dense is not None:
         baseline = evaluate_retriever(
-            retriever.retrieve,
+            dense.retrieve,
             queries,
             gold,
             top_k=10,
@@ -386,8 +402,11 @@ def _evaluate(model, tokenizer, corpus, train_corpus, queries, gold, data_args, 
     return results
 
 
-def _train_dense_baseline(corpus, train_corpus, tokenizer, gcmr_config, data_args, training_args):
-    """The CLIP-style dual encoder of the same size and image input, trained on the same training captions."""
+def _train_dense_baseline(corpus, train_corpus, text_tokenizer, model_args, data_args, training_args):
+    """The CLIP-style dual encoder of the same width and image input, trained on the same training captions.
+
+    Returns a `DualEncoderRetriever` over every corpus image and the image embeddings it indexes.
+    """
     from modeling_gcmr.dual_encoder_gcmr import (
         DenseIndex,
         DualEncoderCollator,
@@ -398,23 +417,17 @@ def _train_dense_baseline(corpus, train_corpus, tokenizer, gcmr_config, data_arg
     )
     from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
 
-    text = gcmr_config.text_config
-    image = (
-        {"vision_config": gcmr_config.vision_config}
-        if gcmr_config.vision_config is not None
-        else {"image_embed_dim": gcmr_config.image_embed_dim}
-    )
     config = DualEncoderConfig(
         text_config=BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=int(text.d_model),
-            num_hidden_layers=int(text.num_layers),
-            num_attention_heads=int(text.num_heads),
-            intermediate_size=int(text.d_ff),
-            pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(text_tokenizer),
+            hidden_size=model_args.d_model,
+            num_hidden_layers=model_args.num_layers,
+            num_attention_heads=model_args.num_heads,
+            intermediate_size=model_args.d_ff,
+            pad_token_id=text_tokenizer.pad_token_id,
         ),
         projection_dim=64,
-        **image,
+        **_image_inputs(corpus, model_args, data_args),
     )
     set_seed(training_args.seed)
     model = DualEncoderModel(config)
@@ -430,14 +443,17 @@ def _train_dense_baseline(corpus, train_corpus, tokenizer, gcmr_config, data_arg
         report_to=[],
         remove_unused_columns=False,
         use_cpu=training_args.use_cpu,
+        ddp_backend=training_args.ddp_backend,
         seed=training_args.seed,
         disable_tqdm=training_args.disable_tqdm,
         logging_steps=training_args.logging_steps,
     )
-    Trainer(model=model, args=args, train_dataset=pairs, data_collator=DualEncoderCollator(tokenizer, processor)).train()
+    collator = DualEncoderCollator(text_tokenizer, processor, max_length=data_args.max_query_length)
+    Trainer(model=model, args=args, train_dataset=pairs, data_collator=collator).train()
     model.eval()
     embeddings = compute_image_embeddings(corpus.select_columns(["image_key", image_column]), model, image_processor=processor)
-    return DualEncoderRetriever(model, tokenizer, DenseIndex(corpus["image_key"], embeddings))
+    retriever = DualEncoderRetriever(model, text_tokenizer, DenseIndex(corpus["image_key"], embeddings), data_args.max_query_length)
+    return retriever, embeddings
 
 
 def _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, training_args, push_to_hub: bool) -> None:

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.utils import is_torchvision_available
 
-LABEL_PAD_ID = -100
+from .modeling_gcmr import LABEL_PAD_ID
 
 
 def build_image_processor(vision_config: PreTrainedConfig):
@@ -60,19 +60,24 @@ class GcmrDataCollator:
             raise ValueError("cannot collate an empty batch")
         for row, feature in enumerate(features):
             if "input_ids" not in feature:
-                raise ValueError(f"batch row {row} has no 'input_ids' (columns: {sorted(feature)}); "
-                                 "build rows with build_training_examples and set remove_unused_columns=False")
+                raise ValueError(
+                    f"batch row {row} has no 'input_ids' (columns: {sorted(feature)}); build rows with "
+                    "build_training_examples and train with remove_unused_columns=False"
+                )
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has no pad_token_id")
         input_ids = self._pad([f["input_ids"] for f in features], pad_id)
-        batch = {"input_ids": input_ids, "attention_mask": (self._lengths_mask(features, "input_ids", input_ids.shape[1]))}
+        lengths = torch.tensor([len(f["input_ids"]) for f in features])
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if all(f.get("labels") is not None for f in features):
             batch["labels"] = self._pad([f["labels"] for f in features], LABEL_PAD_ID)
         image_mask = None
         embeds = [f.get("image_embeds") for f in features]
         if any(e is not None for e in embeds):
-            batch["image_embeds"] = _stack_with_zeros([None if e is None else torch.as_tensor(np.asarray(e, dtype=np.float32)) for e in embeds])
+            tensors = [None if e is None else torch.as_tensor(np.asarray(e, dtype=np.float32)) for e in embeds]
+            batch["image_embeds"] = _stack_with_zeros(tensors)
             image_mask = torch.tensor([e is not None for e in embeds])
         images = [f.get("image") for f in features]
         if any(image is not None for image in images):
@@ -91,11 +96,6 @@ class GcmrDataCollator:
         for row, sequence in enumerate(sequences):
             padded[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
         return padded
-
-    @staticmethod
-    def _lengths_mask(features, column: str, length: int) -> torch.Tensor:
-        lengths = torch.tensor([len(f[column]) for f in features])
-        return (torch.arange(length)[None, :] < lengths[:, None]).long()
 
     def _pixels(self, images: list) -> list[torch.Tensor | None]:
         if self.image_processor is None:

@@ -49,7 +49,6 @@ from typing import Any
 import datasets
 from PIL import Image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 # In error messages, list at most this many bad rows; the exception object still holds all of them.
 _MAX_LISTED = 50
@@ -231,7 +230,9 @@ def _load_raw(source: Any, split: str | None) -> tuple[datasets.Dataset, Path | 
             raise ValueError(f"corpus file {name} must be .jsonl, .json or .csv, not {path.suffix!r}")
         loaded = datasets.load_dataset(builder, data_files=str(path))
         return _select_split(loaded, split, name), path.resolve().parent, name
-    if path.suffix or str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source):
+    # A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped local path.
+    text = str(source)
+    if path.suffix.lower() in _TABLE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"corpus {name} does not exist (expected a folder or a .jsonl/.json/.csv file)")
     from huggingface_hub import is_offline_mode
 
@@ -260,18 +261,17 @@ def _select_split(loaded: datasets.DatasetDict, split: str | None, name: str) ->
 
 
 def _image_refs(raw: datasets.Dataset, column: str, base_dir: Path | None) -> list[dict | None]:
-    """Every row's image as a `{"bytes", "path"}` dict (the undecoded `datasets.Image` form), or None."""
+    """Every row's image as a `{"bytes", "path"}` dict (the undecoded `datasets.Image` form), or None.
+
+    PIL images in a list of dicts arrive here already encoded: `Dataset.from_list` stores them as `datasets.Image`.
+    """
     if isinstance(raw.features[column], datasets.Image):
         values = raw.cast_column(column, datasets.Image(decode=False))[column]
     else:
         values = raw[column]
     refs = []
     for value in values:
-        if isinstance(value, Image.Image):
-            buffer = io.BytesIO()
-            value.save(buffer, format=value.format or "PNG")
-            value = {"bytes": buffer.getvalue(), "path": getattr(value, "filename", None) or None}
-        elif isinstance(value, (str, os.PathLike)):
+        if isinstance(value, (str, os.PathLike)):
             path = Path(value).expanduser()
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path

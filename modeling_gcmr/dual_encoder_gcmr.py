@@ -50,6 +50,7 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
+from transformers.trainer_utils import SaveStrategy, SchedulerType
 from transformers.utils import ModelOutput
 
 from tokenization_gcmr.text_vocabulary import train_text_tokenizer
@@ -366,24 +367,30 @@ class DualEncoderArguments:
     max_length: int = field(default=32, metadata={"help": "Longest caption in tokens; longer ones are truncated."})
 
 
-def default_training_arguments(output_dir: str | None = None, seed: int = 0, **overrides: Any) -> TrainingArguments:
-    """TrainingArguments that train the tiny baseline well on a few hundred images on a CPU (no checkpoints, no reports)."""
-    settings = dict(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="gcmr-dual-encoder-"),
-        num_train_epochs=30,
-        per_device_train_batch_size=64,
-        learning_rate=2e-3,
-        warmup_steps=0.1,
-        weight_decay=0.01,
-        lr_scheduler_type="cosine",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=50,
-        seed=seed,
-        remove_unused_columns=False,
-    )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+@dataclass
+class DualEncoderTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults that train the tiny baseline well on a few hundred images on a CPU.
+
+    No checkpoints or reports by default; `remove_unused_columns=False` because the collator reads columns that
+    `forward` does not name. Every field can still be set (or parsed by `HfArgumentParser`).
+    """
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write; default: a new temporary folder."})
+    num_train_epochs: float = field(default=30.0, metadata={"help": "Passes over the (image, caption) pairs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Pairs per batch: the in-batch negatives."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warm-up steps, or a fraction of all steps when < 1."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={"help": "Checkpoint strategy; the final model is saved anyway."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers to report to."})
+    logging_steps: float = field(default=50, metadata={"help": "Log the loss every this many steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for DualEncoderCollator."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = tempfile.mkdtemp(prefix="gcmr-dual-encoder-")
+        super().__post_init__()
 
 
 def build_dual_encoder(
@@ -441,10 +448,10 @@ def train_dual_encoder(
     """Train the dense baseline on every (image, caption) pair of `corpus` and index the corpus images with it.
 
     Without `tokenizer` a WordPiece vocabulary is trained on the corpus captions. Without `training_args`,
-    `default_training_arguments(seed=seed)` is used (in a temporary folder, no checkpoints).
+    `DualEncoderTrainingArguments(seed=seed)` is used (a temporary folder, no checkpoints).
     """
     args = args or DualEncoderArguments()
-    training_args = training_args or default_training_arguments(seed=seed)
+    training_args = training_args or DualEncoderTrainingArguments(seed=seed)
     if training_args.remove_unused_columns:
         # The collator reads `caption` and the image column, which forward does not name.
         training_args = dataclasses.replace(training_args, remove_unused_columns=False)
@@ -479,8 +486,8 @@ __all__ = [
     "DualEncoderOutput",
     "DualEncoderPreTrainedModel",
     "DualEncoderRetriever",
+    "DualEncoderTrainingArguments",
     "build_dual_encoder",
     "caption_pairs",
-    "default_training_arguments",
     "train_dual_encoder",
 ]

@@ -41,7 +41,8 @@ class GcmrRetrievalPipeline(Pipeline):
         top_k (`int`, defaults to 10): how many images to return per query.
         num_beams (`int`, *optional*): beam width of the trie-constrained search; defaults to the model's
             `config.num_beams`, and is raised to `top_k` when smaller.
-        images (`Mapping[str, Any]`, *optional*): an image lookup by key (PIL images, paths, ...).
+        images (`Mapping[str, Any]`, *optional*): an image lookup by key (PIL images, paths, ...); a key the
+            lookup lacks gets `"image": None`.
     """
 
     _load_tokenizer = True

@@ -56,7 +56,7 @@ def clustered(num_items: int, dim: int, num_clusters: int, seed: int = 0) -> tup
 def build_each(id_type: str, keys, embeddings, captions, tokenizer, seed: int = 0) -> IdentifierTable:
     options = {"text_tokenizer": tokenizer} if id_type in ("string", "semantic") else {}
     if id_type == "coarse_fine":
-        options = dict(num_coarse=4, codebook_size=8)
+        options = dict(num_coarse=4, codebook_size=8, rqvae_epochs=3, rqvae_hidden_dim=16, rqvae_latent_dim=8)
     return build_identifiers(keys, id_type, embeddings=embeddings, captions=captions, seed=seed, **options)
 
 
@@ -144,7 +144,10 @@ def test_structured_follows_clusters_and_respects_branching_and_leaf_size():
 
 def test_coarse_fine_residual_kmeans_layout_vectors_and_reconstruction():
     embeddings, _ = clustered(400, 12, 6, seed=2)
-    table = build_identifiers([str(i) for i in range(400)], "coarse_fine", embeddings=embeddings, num_coarse=6, codebook_size=16, num_levels=3)
+    table = build_identifiers(
+        [str(i) for i in range(400)], "coarse_fine", embeddings=embeddings, num_coarse=6, codebook_size=16, num_levels=3,
+        fine_quantizer="residual_kmeans",
+    )
     for row in spelled(table):
         assert row[0].startswith("<c_") and [unit[:3] for unit in row[1:4]] == ["<f1", "<f2", "<f3"]
         assert len(row) == 4 or (len(row) == 5 and row[4].startswith("<u_"))
@@ -193,7 +196,7 @@ def test_single_image(id_type, word_tokenizer):
 def test_identical_embeddings_and_more_branches_than_images(id_type):
     keys = [str(i) for i in range(70)]
     identical = np.ones((70, 4), np.float32)
-    options = dict(branching=100, leaf_size=3) if id_type == "structured" else dict(num_coarse=100, codebook_size=100)
+    options = dict(branching=100, leaf_size=3) if id_type == "structured" else dict(num_coarse=100, codebook_size=100, rqvae_epochs=2)
     assert_valid_unique(build_identifiers(keys, id_type, embeddings=identical, **options), 70)
     assert_valid_unique(build_identifiers(keys[:5], id_type, embeddings=identical[:5], **options), 5)
 
@@ -219,11 +222,15 @@ def test_structured_always_unique(embeddings, branching, leaf_size, seed):
 
 
 @PROPERTY_SETTINGS
-@given(embeddings=embedding_sets(), num_coarse=st.integers(1, 6), codebook_size=st.integers(1, 6), num_levels=st.integers(1, 3))
-def test_coarse_fine_always_unique(embeddings, num_coarse, codebook_size, num_levels):
+@given(
+    embeddings=embedding_sets(), num_coarse=st.integers(1, 6), codebook_size=st.integers(1, 6), num_levels=st.integers(1, 3),
+    fine_quantizer=st.sampled_from(["residual_kmeans", "rqvae"]),
+)
+def test_coarse_fine_always_unique(embeddings, num_coarse, codebook_size, num_levels, fine_quantizer):
     keys = [f"k{i}" for i in range(len(embeddings))]
     table = build_identifiers(
-        keys, "coarse_fine", embeddings=embeddings, num_coarse=num_coarse, codebook_size=codebook_size, num_levels=num_levels
+        keys, "coarse_fine", embeddings=embeddings, num_coarse=num_coarse, codebook_size=codebook_size, num_levels=num_levels,
+        fine_quantizer=fine_quantizer, rqvae_epochs=2, rqvae_hidden_dim=8, rqvae_latent_dim=4,
     )
     assert_valid_unique(table, len(keys))
     assert table.codes.shape[1] in (1 + num_levels, 2 + num_levels)

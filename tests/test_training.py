@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import collections
-import json
-import os
 
 import datasets
 import numpy as np

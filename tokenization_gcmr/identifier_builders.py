@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .identifier_table import IdentifierTable
-from .residual_quantization import assign, kmeans_centroids, residual_kmeans, sample_rows, train_rqvae
+from .residual_quantization import ASSIGN_BATCH, assign, kmeans_centroids, residual_kmeans, sample_rows, train_rqvae
 
 PROGRESS_MIN_ITEMS = 50_000
 # Squared distances of larger values overflow float32 inside k-means.
@@ -109,8 +109,9 @@ class CoarseFineOptions(_Options):
     num_levels: int = _option(3, "Fine residual-quantization levels M.", min=1)
     codebook_size: int = _option(256, "Entries per fine codebook (capped at the number of training rows).", min=1)
     fine_quantizer: str = _option(
-        "residual_kmeans",
-        "Fine quantizer: 'residual_kmeans' (faiss, deterministic, fast) or 'rqvae' (a trained torch RQ-VAE).",
+        "rqvae",
+        "Fine quantizer: 'rqvae' (a trained torch RQ-VAE, as in ACE; far fewer collisions) or 'residual_kmeans' "
+        "(faiss k-means level after level; no training, faster).",
         choices=("residual_kmeans", "rqvae"),
     )
     kmeans_iterations: int = _option(20, "faiss k-means iterations (coarse, residual levels, RQ-VAE codebook init).", min=1)
@@ -280,8 +281,8 @@ def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, cap
         centroids = kmeans_centroids(embeddings[train_rows], num_coarse, seed, opts.kmeans_iterations)
         coarse = assign(embeddings, centroids)
         residuals = np.empty_like(embeddings)
-        for start in range(0, len(embeddings), 65_536):  # blockwise: no second full-size temporary
-            block = slice(start, start + 65_536)
+        for start in range(0, len(embeddings), ASSIGN_BATCH):  # blockwise: no second full-size temporary
+            block = slice(start, start + ASSIGN_BATCH)
             residuals[block] = embeddings[block] - centroids[coarse[block]]
         bar.update()
         if opts.fine_quantizer == "residual_kmeans":
