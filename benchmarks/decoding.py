@@ -230,10 +230,11 @@ def run_shape(id_type: str, count: int, beam_list: list[int], args, rng: np.rand
                             f"matrices, over the {args.max_memory_gb:g} GB allowed on this shared 24 GB machine")
             cells.append(cell)
             continue
-        cell.unconstrained_s, _ = timed(lambda: generate(model, queries, beams, steps), args.repeats)
+        cell.unconstrained_s, _ = timed(lambda: generate(model, queries, beams, steps), args.repeats,
+                                        slow_s=args.slow_s)
         ours_timer = TimedProcessor(processor)
         cell.ours_s, ours = timed(lambda: generate(model, queries, beams, steps, processor=ours_timer), args.repeats,
-                                  ours_timer)
+                                  ours_timer, slow_s=args.slow_s)
         cell.ours_constraint_s = ours_timer.per_run()
         valid = processor.key_indices(ours) >= 0
         if not bool(valid.all()):
@@ -293,21 +294,50 @@ def table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, command: str, body: str, args) -> None:
-    """Replace this benchmark's section of `path` (other sections stay), atomically."""
+def _row_key(line: str) -> tuple[str, str, str]:
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    return cells[0], cells[1], cells[2]
+
+
+def _row_order(line: str) -> tuple[int, int, int]:
+    id_type, count, beams = _row_key(line)
+    number = int(count.rstrip("kM")) * {"k": 1000, "M": 1_000_000}.get(count[-1], 1)
+    return list(ID_SHAPES).index(id_type), number, int(beams)
+
+
+def write_section(path: str, command: str, cells: list[Cell], args) -> None:
+    """Write this benchmark's section of `path` (other sections stay), atomically.
+
+    Rows of an earlier run that this run did not measure are kept, and the commands are listed.
+    """
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    old_rows, commands = {}, []
+    if SECTION_START in text and SECTION_END in text:
+        old = text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
+        commands = [line.split("`")[1] for line in old.splitlines() if line.startswith(("- `python ", "Command: `"))]
+        old_rows = {_row_key(line): line for line in old.splitlines()
+                    if line.startswith("| ") and line.split("|")[1].strip() in ID_SHAPES}
+    new_lines = table(cells).splitlines()
+    rows = {**old_rows, **{_row_key(line): line for line in new_lines[2:]}}
+    body = "\n".join(new_lines[:2] + sorted(rows.values(), key=_row_order))
+    commands = commands + [command] if command not in commands else commands
     section = "\n".join([
         SECTION_START,
         "## Trie-constrained decoding",
         "",
-        f"Command: `{command}`",
+        "Commands:",
+        "",
+        *[f"- `{line}`" for line in commands],
         "",
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
         f"jobs, torch {torch.__version__} on {torch.get_num_threads()} thread(s), no GPU. Model: random T5, "
         f"d_model 256, 4+4 layers, 4 heads, 32k text vocabulary + identifier tokens; batch {args.batch_size}, "
         f"queries of {QUERY_LENGTH} tokens; `max_new_tokens` = identifier depth + 1 (EOS), `length_penalty=0`. "
         f"Times are CPU seconds of the process (not wall time: the cores are shared, so wall time would "
-        f"measure the neighbours' load), median of {args.repeats} `generate` calls (one call when it takes over "
-        f"5 s, and always one for the dict-trie baseline). "
+        f"measure the neighbours' load, and memory-bound steps still feel it: expect +-10% between runs), median "
+        f"of {args.repeats} `generate` calls (one call when it takes over `--slow-s`, 5 s by default; always one "
+        f"for the dict-trie baseline). Rows can be re-measured with `--id-types/--sizes/--beams`: a run replaces "
+        f"only its own rows, and its command is added to the list. "
         "*ours* is `PrefixTrieLogitsProcessor` (in place, as `constrained_retrieve` runs it); *dict-trie* is "
         "transformers' `PrefixConstrainedLogitsProcessor` over a nested Python dict trie, as the GRACE code "
         "decodes. *Same output*: both constrained runs return identical sequences. *(constraint)*: CPU seconds spent inside the logits processor per `generate` call. *Extrapolated*: the "
@@ -321,7 +351,6 @@ def write_section(path: str, command: str, body: str, args) -> None:
         body,
         SECTION_END,
     ])
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     if SECTION_START in text and SECTION_END in text:
         before, rest = text.split(SECTION_START, 1)
         text = before + section + rest.split(SECTION_END, 1)[1]
@@ -342,6 +371,8 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slow-s", type=float, default=5.0,
+                        help="time a call once when it takes longer than this (CPU seconds)")
     parser.add_argument("--max-memory-gb", type=float, default=10.0,
                         help="skip a cell whose score matrices would need more than this")
     parser.add_argument("--dict-budget-s", type=float, default=300.0,
@@ -362,7 +393,7 @@ def main() -> None:
     for id_type, count in tqdm(jobs, desc="decoding benchmark"):
         cells.extend(run_shape(id_type, count, args.beams, args, rng))
         # Rewritten after every shape, so an interrupted run still leaves its finished rows.
-        write_section(args.output, command, table(cells), args)
+        write_section(args.output, command, cells, args)
     print(table(cells))
     print(f"wrote {os.path.normpath(args.output)}")
 

@@ -34,7 +34,7 @@ import run_gcmr  # noqa: E402  (the sibling example script; the demo drives its 
 
 from modeling_gcmr.data_gcmr import load_corpus, split_captions  # noqa: E402
 from modeling_gcmr.evaluation_gcmr import plot_recall_curve, retrieval_metrics, save_results  # noqa: E402
-from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK, register_retrieval_pipeline  # noqa: E402
+from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK  # noqa: E402  (importing modeling_gcmr registers the task)
 from modeling_gcmr.plotting_gcmr import plot_latency, plot_retrieved_images  # noqa: E402
 from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus, write_imagefolder  # noqa: E402
 
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. Reload like a Hub user (only the folder's own code runs) and search through the pipeline.
     model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=True)
-    register_retrieval_pipeline()  # makes "generative-image-retrieval" a task name of transformers.pipeline
     retriever = pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
     held_out = split_captions(load_corpus(corpus_dir), num_query_captions=1)
     hits = retriever(held_out.queries, top_k=10, num_beams=sizes["num_beams"], batch_size=32)

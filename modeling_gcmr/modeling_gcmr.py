@@ -24,6 +24,7 @@ from transformers.utils.logging import tqdm
 
 from .configuration_gcmr import GcmrConfig
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
+from .pipeline_gcmr import register_pipeline_in_config
 from .prefix_trie_logits_processor import constrained_retrieve
 
 LABEL_PAD_ID = -100
@@ -210,6 +211,9 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
                 decoder_hidden_size=config.decoder_hidden_size,
                 num_heads=config.fusion_num_heads,
             )
+        # Every checkpoint then answers pipeline(task, model=folder, trust_remote_code=True): the relative
+        # import above makes save_pretrained copy pipeline_gcmr.py next to this file.
+        register_pipeline_in_config(config)
         self.post_init()
         self.generation_config = GenerationConfig(
             decoder_start_token_id=config.decoder_start_token_id,

@@ -6,7 +6,8 @@ import torch
 from transformers import pipeline
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK, GcmrRetrievalPipeline, register_retrieval_pipeline
+from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK, GcmrRetrievalPipeline
+from modeling_gcmr.publishing_gcmr import save_retriever
 from modeling_gcmr.synthetic_corpus_gcmr import FEATURE_DIM, make_synthetic_corpus
 from subprocess_utils import run_without_package
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
@@ -34,7 +35,7 @@ def retriever(corpus, text_tokenizer):
 
 @pytest.fixture(scope="module")
 def pipe(retriever):
-    register_retrieval_pipeline()
+    # importing modeling_gcmr registered the task name with transformers' pipeline registry
     model, tokenizer = retriever
     return pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
 
@@ -89,10 +90,10 @@ def test_pipeline_rejects_bad_parameters(pipe):
         pipe(QUERIES[0], temperature=0.7)
 
 
-def test_saved_pipeline_runs_without_the_package(pipe, retriever, tmp_path):
+def test_every_saved_checkpoint_runs_the_pipeline_without_the_package(retriever, tmp_path):
     model, tokenizer = retriever
     folder = tmp_path / "checkpoint"
-    pipe.save_pretrained(folder)
+    save_retriever(model, tokenizer, str(folder))
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"][PIPELINE_TASK]["impl"] == "pipeline_gcmr.GcmrRetrievalPipeline"
     assert (folder / "pipeline_gcmr.py").is_file()

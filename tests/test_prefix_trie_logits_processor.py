@@ -74,12 +74,11 @@ def dict_prefix_fn(root):
     return allowed
 
 
-def generate(model, inputs, num_beams, processor=None, prefix_fn=None, **kwargs):
+def generate(model, inputs, num_beams, processor=None, **kwargs):
     with torch.no_grad():
         return model.generate(input_ids=inputs, do_sample=False, num_beams=num_beams, num_return_sequences=num_beams,
                               max_new_tokens=5, length_penalty=0.0,
-                              logits_processor=LogitsProcessorList([processor]) if processor else None,
-                              prefix_allowed_tokens_fn=prefix_fn, **kwargs)
+                              logits_processor=LogitsProcessorList([processor]) if processor else None, **kwargs)
 
 
 def finite_columns(row):
@@ -164,7 +163,7 @@ def test_generate_returns_only_identifiers_and_matches_the_dict_trie_baseline(mo
     assert (keys >= 0).all(), ours
     for sequence, key in zip(ours.tolist(), keys.tolist()):
         assert sequence[1 : 1 + len(rows[key]) + 1] == rows[key] + [EOS]
-    theirs = generate(model, inputs, num_beams, prefix_fn=dict_prefix_fn(dict_trie(rows)))
+    theirs = generate(model, inputs, num_beams, PrefixConstrainedLogitsProcessor(dict_prefix_fn(dict_trie(rows)), num_beams))
     assert torch.equal(ours, theirs)
 
 
