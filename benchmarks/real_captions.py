@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot_name = f"real_captions_{run_id}.png"
     plot_recall_curve(rankings, gold, out_dir / plot_name)
     if args.write_doc:
-        plot_recall_curve(rankings, gold, DOC_PATH.parent / plot_name)
+        # plot_recall_curve writes through mkstemp (mode 0600); docs files are world-readable
+        os.chmod(plot_recall_curve(rankings, gold, DOC_PATH.parent / plot_name), 0o644)
         write_doc(DOC_PATH, run_id, doc_section(results, plot_name))
     print(table(results))
     print(

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         if data_args.baseline:
             dense, _ = _train_dense_baseline(corpus, captions.train, tokenizer, model_args, data_args, training_args)
     else:
-        text_tokenizer = _text_tokenizer(captions.train, model_args, training_args)
+        text_tokenizer = _text_tokenizer(captions.train, model_args)
         if data_args.baseline or data_args.image_encoder == "dual_encoder":
             dense, dense_embeddings = _train_dense_baseline(corpus, captions.train, text_tokenizer, model_args, data_args, training_args)
         embeddings = _identifier_embeddings(corpus, dense_embeddings, data_args)
@@ -294,20 +294,12 @@ def _model_inputs(corpus: datasets.Dataset, model_args: ModelArguments) -> datas
     return corpus.remove_columns(drop) if drop in corpus.column_names else corpus
 
 
-def _text_tokenizer(train_corpus: datasets.Dataset, model_args: ModelArguments, training_args: TrainingArguments):
+def _text_tokenizer(train_corpus: datasets.Dataset, model_args: ModelArguments):
     if model_args.text_tokenizer:
         return AutoTokenizer.from_pretrained(model_args.text_tokenizer)
-    # WordPiece training may break ties differently in each process, and every process must share one
-    # vocabulary: the main process trains it, the others load what it saved.
-    folder = os.path.join(training_args.output_dir, "text_tokenizer")
-    with training_args.main_process_first(local=False, desc="training the text vocabulary"):
-        if training_args.process_index == 0:
-            train_captions = [c for caps in train_corpus["captions"] for c in caps]
-            tokenizer = train_text_tokenizer(train_captions, vocab_size=model_args.text_vocab_size)
-            tokenizer.save_pretrained(folder)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-    return tokenizer
+    # Deterministic, so every distributed process trains the very same vocabulary on its own.
+    train_captions = [c for caps in train_corpus["captions"] for c in caps]
+    return train_text_tokenizer(train_captions, vocab_size=model_args.text_vocab_size)
 
 
 def _identifier_embeddings(corpus: datasets.Dataset, dense_embeddings, data_args: DataArguments) -> np.ndarray | None:

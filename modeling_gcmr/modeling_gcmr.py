@@ -79,7 +79,10 @@ class GcmrSeq2SeqOutput(ModelOutput):
 class GcmrImageProjector(nn.Module):
     """Maps one image feature vector to `num_tokens` encoder input vectors (linear, or linear-GELU-linear).
 
-    A (B, n, D) input is averaged over n first (several crops or patch features of one image).
+    A (B, n, D) input is averaged over n first (several crops or patch features of one image). The output is
+    layer-normalised: T5's word embeddings have a standard deviation near 1 while a freshly initialised
+    projection gives about 0.02, and visual tokens that small are all but ignored at first, which slows the
+    memorize step down several times.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_tokens: int, kind: str):
@@ -89,11 +92,12 @@ class GcmrImageProjector(nn.Module):
             self.proj = nn.Linear(in_dim, num_tokens * out_dim)
         else:
             self.proj = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, num_tokens * out_dim))
+        self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 3:
             features = features.mean(dim=1)
-        return self.proj(features).view(features.shape[0], self.num_tokens, self.out_dim)
+        return self.norm(self.proj(features).view(features.shape[0], self.num_tokens, self.out_dim))
 
 
 class GcmrMultimodalEncoder(nn.Module):
@@ -260,7 +264,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.backbone.set_output_embeddings(value)
 
-    def _token_embedding_matrices(self) -> list[torch.Tensor]:
+    def token_embedding_weights(self) -> list[torch.Tensor]:
         """Every matrix with one row per token (encoder/decoder input embeddings, LM head), each once."""
         modules = [self.backbone.get_input_embeddings(), self.backbone.get_output_embeddings()]
         if self._is_encoder_decoder_pair():
@@ -322,7 +326,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         units = [table.units[i] for i in torch.nonzero(usable).flatten().tolist()]
         token_ids = torch.as_tensor([int(t) for t in tokenizer.convert_tokens_to_ids(units)], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
-        for weight in self._token_embedding_matrices():
+        for weight in self.token_embedding_weights():
             projection = torch.randn(vectors.shape[1], weight.shape[1], generator=generator)
             rows = vectors[usable] @ projection
             rows = (rows - rows.mean()) / rows.std().clamp_min(1e-12)

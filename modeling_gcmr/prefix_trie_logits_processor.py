@@ -276,6 +276,8 @@ def constrained_retrieve(model: Any, tokenizer: Any, encoder_inputs: Mapping[str
     # A shallow copy shares the cached device tries; in place is safe for beam search's fresh log-probs.
     processor = copy.copy(_processor_for(tokenizer, num_skip_tokens, generation_config.pad_token_id))
     processor.inplace = beam
+    # length_penalty only exists for beam search; passing it to greedy search makes generate() warn.
+    beam_options = {"length_penalty": 0.0} if beam else {}
     output = model.generate(
         **encoder_inputs,
         logits_processor=LogitsProcessorList([processor]),
@@ -284,11 +286,11 @@ def constrained_retrieve(model: Any, tokenizer: Any, encoder_inputs: Mapping[str
         num_return_sequences=num_beams,
         max_new_tokens=tokenizer.max_identifier_length + 1,
         min_new_tokens=0,
-        length_penalty=0.0,
         eos_token_id=processor.eos_token_id,
         return_dict_in_generate=True,
         output_scores=beam,
         output_logits=not beam,
+        **beam_options,
     )
     sequences = output.sequences
     if beam:

@@ -208,7 +208,7 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_
     """Wrap `model.backbone` with peft LoRA adapters on its attention projections; return `model`.
 
     Only the backbone is wrapped, so GCMR's own new parts (image projectors, vision tower, fusion) keep training
-    fully. The token embedding matrix (tied across encoder, decoder and LM head) stays trainable as well: the
+    fully. The token embedding matrices (input embeddings and LM head, tied or not) stay trainable as well: the
     identifier tokens are new rows that no adapter can learn. The Trainer saves the whole model, adapters
     included, so `resume_from_checkpoint` works as usual; `merge_lora` folds the adapters in for publishing.
     """
@@ -218,7 +218,9 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_
         raise ValueError(f"LoRA rank r must be >= 1, got {r}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     model.backbone = get_peft_model(model.backbone, config)
-    model.get_input_embeddings().weight.requires_grad_(True)
+    # Every token matrix, so an untied LM head (an EncoderDecoder pair) learns the identifier rows too.
+    for weight in model.token_embedding_weights():
+        weight.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("LoRA r=%d on %s: %d of %d parameters train (%.1f%%)", r, list(target_modules), trainable, total, 100 * trainable / total)

@@ -331,3 +331,26 @@ def test_identifier_signature_tracks_table_and_text_vocabulary(prefix_table, cap
     other_text = ImageIdTokenizer(bert_style_tokenizer(caption_corpus), prefix_table)
     signatures = {tokenizer.identifier_signature, other_table.identifier_signature, other_text.identifier_signature}
     assert len(signatures) == 3 and all(len(s) == 64 for s in signatures)
+
+
+def test_trained_wordpiece_vocabulary_is_the_same_in_every_process(caption_corpus, tmp_path):
+    """Distributed ranks each train the vocabulary; tokenizers' own WordPiece trainer differs run to run."""
+    import json
+    import subprocess
+    import sys
+
+    corpus_file = tmp_path / "captions.json"
+    corpus_file.write_text(json.dumps(caption_corpus))
+    code = (
+        "import json, sys; from tokenization_gcmr.text_vocabulary import train_text_tokenizer; "
+        f"texts = json.load(open({str(corpus_file)!r})); "
+        "print(json.dumps(sorted(train_text_tokenizer(texts, vocab_size=150).get_vocab().items())))"
+    )
+    vocabularies = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(3)
+    ]
+    assert vocabularies[0] == vocabularies[1] == vocabularies[2]
+    in_process = train_text_tokenizer(caption_corpus, vocab_size=150)
+    assert json.loads(vocabularies[0]) == [list(item) for item in sorted(in_process.get_vocab().items())]
+    # Words outside the vocabulary are spelled with character pieces, never lost to <unk>.
+    assert in_process.unk_token_id not in in_process("a circlesquarered bluecircle")["input_ids"]
