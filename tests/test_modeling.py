@@ -290,7 +290,7 @@ def test_set_identifier_vocabulary_resizes_and_records(make_id_tokenizer):
         model = _text_vocab_model(tokenizer, backbone=backbone)
         model.set_identifier_vocabulary(tokenizer)
         assert model.vocab_size == len(tokenizer)
-        assert all(w.shape[0] == len(tokenizer) for w in model._token_embedding_matrices())
+        assert all(w.shape[0] == len(tokenizer) for w in model.token_embedding_weights())
         assert model.config.identifier_signature == tokenizer.identifier_signature
         assert model.config.max_identifier_length == tokenizer.max_identifier_length
         assert type(model.config.max_identifier_length) is int

@@ -276,3 +276,24 @@ def test_lora_trains_adapters_and_merges_into_a_plain_model(tiny_setup, tmp_path
     assert [[k for k, _ in r] for r in after] == [[k for k, _ in r] for r in before]
     with pytest.raises(ValueError, match="no LoRA adapters"):
         merge_lora(merged)
+
+
+@pytest.mark.parametrize("backbone", ["t5", "encoder_decoder"])
+def test_lora_keeps_every_token_matrix_trainable(backbone):
+    """LoRA adapters cannot learn new rows: the identifier rows of the input embeddings and of an untied LM
+    head (an EncoderDecoder pair has one) must still receive gradients, while the attention stays frozen."""
+    from test_modeling import tester
+
+    from modeling_gcmr.training_gcmr import apply_lora
+
+    model = apply_lora(tester.model(backbone=backbone, vision=None), r=2, target_modules=("query", "value") if backbone != "t5" else ("q", "v"))
+    weights = model.token_embedding_weights()
+    assert len(weights) == (1 if backbone == "t5" else 2)  # T5 ties all three; a pair has its own encoder matrix
+    assert any(weight is model.get_output_embeddings().weight for weight in weights)
+    model(**tester.batch("embeds")).loss.backward()
+    for weight in weights:
+        assert weight.requires_grad and weight.grad is not None and weight.grad.abs().sum() > 0
+    frozen = [name for name, p in model.named_parameters() if "attention" in name or "SelfAttention" in name]
+    assert frozen and all(
+        not p.requires_grad for name, p in model.named_parameters() if name in frozen and "lora_" not in name
+    )
