@@ -448,10 +448,14 @@ def train_dual_encoder(
     """Train the dense baseline on every (image, caption) pair of `corpus` and index the corpus images with it.
 
     Without `tokenizer` a WordPiece vocabulary is trained on the corpus captions. Without `training_args`,
-    `DualEncoderTrainingArguments(seed=seed)` is used (a temporary folder, no checkpoints).
+    `DualEncoderTrainingArguments(seed=seed)` is used in a temporary folder that is removed afterwards.
     """
+    if training_args is None:
+        # Nothing is saved by default, so the scratch folder goes away with the training run.
+        with tempfile.TemporaryDirectory(prefix="gcmr-dual-encoder-") as scratch:
+            scratch_args = DualEncoderTrainingArguments(output_dir=scratch, seed=seed)
+            return train_dual_encoder(corpus, args, scratch_args, tokenizer=tokenizer, seed=seed)
     args = args or DualEncoderArguments()
-    training_args = training_args or DualEncoderTrainingArguments(seed=seed)
     if training_args.remove_unused_columns:
         # The collator reads `caption` and the image column, which forward does not name.
         training_args = dataclasses.replace(training_args, remove_unused_columns=False)

@@ -2,11 +2,14 @@
 
 The environment is set at import time, before transformers or huggingface_hub read it.
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="gcmr-hf-home-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
