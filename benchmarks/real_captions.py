@@ -109,7 +109,7 @@ class BenchmarkArguments:
     )
     consistency_weight: float = field(default=0.0, metadata={"help": "Weight of ACE's R-Drop KL term (0 = off; on doubles the step cost)."})
     epochs: float = field(default=2.0, metadata={"help": "Passes over the memorize + retrieve examples."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (linear decay, 5% warmup)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (linear decay, 5%% warmup)."})
     batch_size: int = field(default=64, metadata={"help": "Training batch size."})
     max_train_minutes: float = field(
         default=14.0, metadata={"help": "Stop training after this many minutes even if epochs remain (0 = no limit)."}
