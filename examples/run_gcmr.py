@@ -89,8 +89,12 @@ class ModelArguments:
         default="none", metadata={"help": "'coarse_to_fine' adds ACE's feature fusion; 'none' is GRACE."}
     )
     consistency_weight: float = field(default=0.0, metadata={"help": "Weight of ACE's R-Drop KL term (0 = off)."})
-    identifier_init: Literal["unit_vectors", "random"] = field(
-        default="unit_vectors", metadata={"help": "Initialise identifier-token embeddings from centroids, or randomly."}
+    identifier_init: Literal["auto", "unit_vectors", "random"] = field(
+        default="auto",
+        metadata={
+            "help": "Initialise identifier-token embeddings from centroids/codebooks (unit_vectors), randomly, or "
+            "auto: unit_vectors where the id type has them (structured, coarse_fine), else random."
+        },
     )
     num_beams: int = field(default=10, metadata={"help": "Beam width of trie-constrained decoding (GRACE: 10)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the backbone's attention projections; 0 = full fine-tuning."})
@@ -186,7 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         embeddings = _identifier_embeddings(corpus, dense_embeddings, data_args)
         tokenizer = _build_tokenizer(corpus, captions.train, text_tokenizer, embeddings, id_args, training_args.seed)
         model = GcmrForRetrieval(_build_config(tokenizer, corpus, model_args, data_args))
-        model.set_identifier_vocabulary(tokenizer, init=model_args.identifier_init)
+        init = model_args.identifier_init
+        if init == "auto":
+            init = "unit_vectors" if tokenizer.identifier_table.unit_vectors is not None else "random"
+        model.set_identifier_vocabulary(tokenizer, init=init)
     model.config.num_beams = model_args.num_beams
     if model_args.lora_r > 0:
         targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .file_utils_gcmr import atomic_write
 
 RECALL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "gcmr_recall")
 MRR_CUTOFF = 10
@@ -77,13 +78,13 @@ def write_per_query_results(
             "hits": [{"key": key, "score": float(score)} for key, score in query_hits],
         }
         lines.append(json.dumps(record) + "\n")
-    return _atomic_write(Path(path), lambda f: f.writelines(lines), mode="w")
+    return atomic_write(Path(path), lambda f: f.writelines(lines), mode="w")
 
 
 def save_results(path: str | os.PathLike, results: Mapping) -> Path:
     """Write a results dict (metrics, settings) as indented JSON under a temporary name, then rename."""
     text = json.dumps(results, indent=2, sort_keys=True) + "\n"
-    return _atomic_write(Path(path), lambda f: f.write(text), mode="w")
+    return atomic_write(Path(path), lambda f: f.write(text), mode="w")
 
 
 def evaluate_retriever(
@@ -142,7 +143,7 @@ def plot_recall_curve(
     axes.legend()
     figure.tight_layout()
     try:
-        return _atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=120), mode="wb")
+        return atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=120), mode="wb")
     finally:
         plt.close(figure)
 
@@ -151,14 +152,3 @@ def _as_set(gold: Gold) -> set[str]:
     return {gold} if isinstance(gold, str) else set(gold)
 
 
-def _atomic_write(path: Path, write: Callable, mode: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    return path

@@ -7,13 +7,14 @@ headless. Every figure is written atomically (a temp name in the same folder, th
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image
+
+from .file_utils_gcmr import atomic_write
 
 # A thumbnail cell, in inches: the image plus one line of rank/score text above it.
 CELL_WIDTH_INCHES = 1.6
@@ -197,19 +198,8 @@ def _load_image(image: ImageLike, key: str) -> np.ndarray:
 
 def _save_atomically(figure, path: str | os.PathLike) -> str:
     """Write the figure as PNG under a temp name in the target folder, then rename it into place."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    os.close(handle)
-    try:
-        figure.savefig(temp_path, format="png", dpi=figure.dpi)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-    return path
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=figure.dpi), mode="wb")
+    return os.fspath(path)
 
 
 __all__ = ["plot_latency", "plot_retrieved_images"]

@@ -30,6 +30,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .file_utils_gcmr import make_shareable
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -136,6 +138,7 @@ def write_imagefolder(dataset: datasets.Dataset, folder: str | os.PathLike) -> P
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    make_shareable(staging, directory=True)
     try:
         with open(staging / "metadata.jsonl", "w", encoding="utf-8") as metadata:
             for row in dataset:

@@ -1,8 +1,6 @@
 """The model card: metadata, model-index round trip, body, input checks, and a usage snippet that runs as written."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch

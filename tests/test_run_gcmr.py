@@ -102,3 +102,17 @@ def _captions_only_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def test_run_gcmr_picks_an_embedding_init_every_id_type_supports(tmp_path):
+    """Atomic ids carry no centroid vectors: the default `--identifier_init auto` falls back to random rows."""
+    out = tmp_path / "out"
+    run_script(
+        [
+            "--output_dir", str(out), "--do_train", "--synthetic_num_images", "10", "--image_input", "embeds",
+            "--id_type", "atomic", "--max_steps", "2", "--per_device_train_batch_size", "8", "--save_strategy", "no",
+            *TINY_MODEL,
+        ],
+        cwd=tmp_path,
+    )
+    assert (out / "retriever" / "model.safetensors").is_file()

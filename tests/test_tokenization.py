@@ -354,3 +354,15 @@ def test_trained_wordpiece_vocabulary_is_the_same_in_every_process(caption_corpu
     assert json.loads(vocabularies[0]) == [list(item) for item in sorted(in_process.get_vocab().items())]
     # Words outside the vocabulary are spelled with character pieces, never lost to <unk>.
     assert in_process.unk_token_id not in in_process("a circlesquarered bluecircle")["input_ids"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, make_id_tokenizer, prefix_table):
+    """Atomic writes go through tempfile (0600); a checkpoint must still be readable like any new file."""
+    mask = os.umask(0o022)
+    try:
+        make_id_tokenizer(prefix_table).save_pretrained(str(tmp_path))
+    finally:
+        os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir() if path.is_file()}
+    assert {"text_tokenizer.json", "identifier_table.json", "identifier_table.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes

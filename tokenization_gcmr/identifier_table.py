@@ -26,6 +26,13 @@ class IdentifierTableError(ValueError):
     """A table that is inconsistent, or a table file that is missing, truncated or from elsewhere."""
 
 
+def _make_shareable(path: str) -> None:
+    # tempfile creates files 0600; a checkpoint file gets what the umask gives any new file.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
@@ -34,6 +41,7 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _make_shareable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -151,6 +159,7 @@ class IdentifierTable:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]})
+            _make_shareable(tmp)
             os.replace(tmp, weights_path)
         except BaseException:
             if os.path.exists(tmp):
