@@ -40,7 +40,7 @@ from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus, write_ima
 
 # The full size trains in a few minutes on 2 CPU cores; "quick" in seconds, for the test.
 SIZES = {
-    "full": dict(num_images=300, captions_per_image=3, epochs=30, d_model=128, num_layers=2, num_beams=10, dense_epochs=20),
+    "full": dict(num_images=300, captions_per_image=3, epochs=60, d_model=128, num_layers=2, num_beams=10, dense_epochs=20),
     "quick": dict(num_images=24, captions_per_image=2, epochs=60, d_model=64, num_layers=1, num_beams=4, dense_epochs=5),
 }
 LATENCY_BEAMS = (1, 2, 5, 10)

@@ -73,6 +73,20 @@ def test_collator_processes_images_into_pixel_values(text_tokenizer):
         GcmrDataCollator(text_tokenizer)(rows)
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_collator_turns_any_image_mode_and_size_into_rgb_pixels(text_tokenizer, mode):
+    """Grayscale, alpha, palette, 16-bit and CMYK images of odd sizes all reach the tower as (3, H, W) RGB."""
+    from transformers import CLIPVisionConfig
+
+    vision = CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    image = _image((200, 120, 40), 37).convert(mode).resize((37, 23))
+    batch = GcmrDataCollator(text_tokenizer, image_processor=build_image_processor(vision))(
+        [{"input_ids": [1], "labels": [4, 1], "image": image}]
+    )
+    assert batch["pixel_values"].shape == (1, 3, 16, 16)
+    assert torch.isfinite(batch["pixel_values"]).all() and batch["pixel_values"].std() > 0
+
+
 def test_collator_rejects_rows_without_input_ids(text_tokenizer):
     with pytest.raises(ValueError, match="row 1 has no 'input_ids'"):
         GcmrDataCollator(text_tokenizer)([{"input_ids": [1]}, {"text": "a red circle"}])
