@@ -112,6 +112,13 @@ class GcmrConfig(PreTrainedConfig):
             return int(self.text_config.encoder.hidden_size)
         return int(self.text_config.hidden_size)
 
+    @property
+    def max_encoder_positions(self) -> int | None:
+        """Tokens the encoder takes at most: absolute position embeddings (BERT) or T5's `n_positions`."""
+        encoder = getattr(self.text_config, "encoder", None) or self.text_config
+        limit = getattr(encoder, "max_position_embeddings", None) or getattr(encoder, "n_positions", None)
+        return int(limit) if limit else None
+
     def validate_gcmr(self):
         """Part of `@strict` validation: choices and ranges the type hints do not enforce."""
         if self.projector not in ("linear", "mlp"):

@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.logging import tqdm
+from transformers.utils.logging import get_logger, tqdm
 
 from .configuration_gcmr import GcmrConfig
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
@@ -28,6 +28,8 @@ from .pipeline_gcmr import register_pipeline_in_config
 from .prefix_trie_logits_processor import constrained_retrieve
 
 LABEL_PAD_ID = -100
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -652,6 +654,9 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             bad = [i for i, q in enumerate(queries) if not isinstance(q, str)]
             if bad:
                 raise TypeError(f"queries must be strings; item {bad[0]} is {type(queries[bad[0]]).__name__}")
+            blank = [i for i, q in enumerate(queries) if not q.strip()]
+            if blank:
+                raise ValueError(f"queries must not be empty or whitespace; item {blank[0]} is {queries[blank[0]]!r}")
             total = len(queries)
         else:
             images = image_embeds if image_embeds is not None else pixel_values
@@ -668,7 +673,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             for start in starts:
                 stop = min(start + batch_size, total)
                 texts = queries[start:stop] if queries is not None else [prompt] * (stop - start)
-                encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+                encoded = self._encode_queries(tokenizer, texts, with_images=queries is None)
                 inputs = {k: encoded[k].to(self.device) for k in ("input_ids", "attention_mask")}
                 if queries is None:
                     key = "image_embeds" if image_embeds is not None else "pixel_values"
@@ -677,6 +682,18 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             return results
         finally:
             self.train(was_training)
+
+
+    def _encode_queries(self, tokenizer: Any, texts: list[str], with_images: bool) -> Any:
+        """Tokenize queries, cut to what the encoder takes (visual tokens included); say so once when it cuts."""
+        limits = [tokenizer.model_max_length]
+        positions = self.config.max_encoder_positions
+        if positions is not None:
+            limits.append(positions - (self.config.num_visual_tokens if with_images else 0))
+        limit = min(limits)
+        if max(len(ids) for ids in tokenizer(texts)["input_ids"]) > limit:
+            logger.warning_once(f"queries longer than the encoder's {limit} tokens are truncated to {limit} tokens")
+        return tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
 
 
 def _damaged_safetensors(folder: str | os.PathLike) -> str:

@@ -107,3 +107,27 @@ def test_loaded_checkpoint_keeps_the_identifier_signature(tmp_path, make_id_toke
     loaded = AutoModel.from_pretrained(tmp_path)
     assert loaded.config.identifier_signature == tokenizer.identifier_signature
     assert loaded.config.max_identifier_length == tokenizer.max_identifier_length
+
+
+def test_retrieve_rejects_blank_queries(make_id_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    model = retriever(tokenizer)
+    for blank in ("", "   \t"):
+        with pytest.raises(ValueError, match="item 1 is"):
+            model.retrieve([QUERIES[0], blank], tokenizer)
+
+
+def test_retrieve_truncates_queries_the_encoder_cannot_take_and_says_so_once(make_id_tokenizer, caplog):
+    """The tiny BERT encoder has 32 positions: an unchecked 200-word query would index past them."""
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    model = retriever(tokenizer, backbone="encoder_decoder")
+    long_query = " ".join(["red circle left of a blue square"] * 30)
+    with caplog.at_level("WARNING"):
+        hits = model.retrieve([long_query, QUERIES[0]], tokenizer, top_k=2, num_beams=2)
+        model.retrieve([long_query], tokenizer, top_k=2, num_beams=2)
+    warnings = [record for record in caplog.records if "truncated" in record.getMessage()]
+    assert len(warnings) == 1 and "32 tokens" in warnings[0].getMessage()
+    assert all(key in tokenizer.keys for query_hits in hits for key, _ in query_hits)
+    # what the encoder saw is the query cut to its first 32 tokens
+    cut = tokenizer.decode(tokenizer(long_query, truncation=True, max_length=32)["input_ids"], skip_special_tokens=True)
+    assert [key for key, _ in model.retrieve([cut], tokenizer, top_k=2, num_beams=2)[0]] == [key for key, _ in hits[0]]
