@@ -55,9 +55,10 @@ def structured_rows(count: int, rng: np.random.Generator, fanout: int = 30) -> n
     return TEXT_VOCAB + np.arange(depth) * fanout + digits
 
 
-def coarse_fine_rows(count: int, rng: np.random.Generator, levels: int = 3, codebook: int = 256) -> np.ndarray:
-    """ACE ids: a coarse token (256 or 1024 clusters), `levels` fine tokens, a uniqueness token on collision."""
-    coarse = 256 if count <= 10_000 else 1024
+def coarse_fine_rows(count: int, rng: np.random.Generator, levels: int = 3, codebook: int = 256,
+                     coarse: int | None = None) -> np.ndarray:
+    """ACE ids: a coarse token (default 256 or 1024 clusters), `levels` fine tokens, a uniqueness token on collision."""
+    coarse = coarse or (256 if count <= 10_000 else 1024)
     codes = np.empty((count, levels + 1), dtype=np.int64)
     codes[:, 0] = rng.integers(0, coarse, count)
     # Skewed fine codes, so that prefixes are shared and codes collide as residual codes of real data do.

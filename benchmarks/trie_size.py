@@ -10,33 +10,8 @@ import time
 
 import numpy as np
 
+from decoding import coarse_fine_rows  # the decoding benchmark's synthetic ids (this script's folder is on sys.path)
 from tokenization_gcmr.prefix_trie import PrefixTrie
-
-
-def synthetic_identifiers(count: int, coarse: int, levels: int, codebook: int, seed: int = 0) -> tuple[np.ndarray, int]:
-    """(count, levels + 2) token rows right-padded with -1, and the vocabulary size they need."""
-    rng = np.random.default_rng(seed)
-    base = 3  # <pad>, </s>, <unk>
-    codes = np.empty((count, levels + 1), dtype=np.int64)
-    codes[:, 0] = rng.integers(0, coarse, count)
-    # Skewed fine codes, so collisions (and uniqueness tokens) occur as they do with real embeddings.
-    codes[:, 1:] = np.minimum(rng.geometric(8.0 / codebook, size=(count, levels)) - 1, codebook - 1)
-    order = np.lexsort(codes.T[::-1])
-    sorted_codes = codes[order]
-    new_group = np.r_[True, (sorted_codes[1:] != sorted_codes[:-1]).any(axis=1)]
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(count), 0))
-    rank = np.empty(count, dtype=np.int64)
-    rank[order] = np.arange(count) - group_start
-    rows = np.full((count, levels + 2), -1, dtype=np.int64)
-    rows[:, 0] = base + codes[:, 0]
-    for level in range(1, levels + 1):
-        rows[:, level] = base + coarse + (level - 1) * codebook + codes[:, level]
-    unique_base = base + coarse + levels * codebook
-    collided = np.zeros(count, dtype=bool)
-    collided[order] = ~new_group | np.r_[~new_group[1:], False]
-    rows[collided, levels + 1] = unique_base + rank[collided]
-    vocab_size = unique_base + int(rank.max()) + 1
-    return rows, vocab_size
 
 
 def main() -> None:
@@ -48,7 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{'identifiers':>12} {'mean len':>8} {'build s':>8} {'nodes':>10} {'edges':>10} {'MB':>8} {'B/id':>6} {'lookup s':>8}")
     for count in args.sizes:
-        rows, vocab_size = synthetic_identifiers(count, args.coarse, args.levels, args.codebook)
+        rows = coarse_fine_rows(count, np.random.default_rng(0), args.levels, args.codebook, args.coarse)
+        vocab_size = int(rows.max()) + 1
         start = time.perf_counter()
         trie = PrefixTrie.from_sequences(rows, eos_token_id=1, vocab_size=vocab_size)
         build = time.perf_counter() - start
