@@ -43,6 +43,7 @@ PAD, EOS = 0, 1
 QUERY_LENGTH = 16
 SECTION_START = "<!-- decoding benchmark: start (written by benchmarks/decoding.py) -->"
 SECTION_END = "<!-- decoding benchmark: end -->"
+PLOT_NAME = "decoding_benchmark.png"
 
 
 # --- synthetic identifier tables ----------------------------------------------------------------
@@ -350,6 +351,8 @@ def write_section(path: str, command: str, cells: list[Cell], args) -> None:
         "+ a uniqueness token on collision, atomic = one token per id).",
         "",
         body,
+        "",
+        f"![CPU seconds per generate call vs identifiers, per id type and beam width]({PLOT_NAME})",
         SECTION_END,
     ])
     if SECTION_START in text and SECTION_END in text:
@@ -362,6 +365,48 @@ def write_section(path: str, command: str, cells: list[Cell], args) -> None:
         handle.write(text)
     os.chmod(handle.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(handle.name, path)
+
+
+def _seconds(cell: str) -> float | None:
+    """'12.68 (0.458)' -> 12.68; an empty or skipped cell -> None."""
+    try:
+        return float(cell.split("(")[0].strip())
+    except ValueError:
+        return None
+
+
+def plot_section(doc_path: str) -> str:
+    """Draw every row of the section's table: CPU seconds per `generate` call vs identifiers, one panel per id type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modeling_gcmr.file_utils_gcmr import atomic_write
+
+    section = open(doc_path).read().split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in ID_SHAPES]
+    methods = {"unconstrained": 9, "ours": 10, "dict-trie": 11}
+    figure, axes = plt.subplots(1, len(ID_SHAPES), figsize=(4.2 * len(ID_SHAPES), 3.6), sharey=True)
+    for axis, id_type in zip(axes, ID_SHAPES):
+        for (name, column), color in zip(methods.items(), ("tab:gray", "tab:blue", "tab:red")):
+            for beams, style in (("10", "-"), ("50", "--")):
+                points = sorted(
+                    (_row_order(line)[1], _seconds(line.strip("|").split("|")[column]))
+                    for line in rows if _row_key(line)[0] == id_type and _row_key(line)[2] == beams
+                )
+                points = [(x, y) for x, y in points if y is not None]
+                if points:
+                    axis.plot(*zip(*points), style, marker="o", color=color, label=f"{name}, beams {beams}")
+        axis.set(title=id_type, xscale="log", yscale="log", xlabel="identifiers")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("CPU s per generate call (batch 32)")
+    axes[-1].legend(fontsize=7)
+    figure.tight_layout()
+    path = os.path.join(os.path.dirname(os.path.abspath(doc_path)), PLOT_NAME)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=100), mode="wb")
+    plt.close(figure)
+    return path
 
 
 def main() -> None:
@@ -381,7 +426,11 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is what is measured)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from the table in --output")
     args = parser.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot_section(args.output)}")
+        return
     if args.quick:
         args.sizes, args.beams, args.batch_size, args.repeats = [1_000, 10_000], [10], 8, 1
     hf_logging.set_verbosity_error()
@@ -395,6 +444,7 @@ def main() -> None:
         cells.extend(run_shape(id_type, count, args.beams, args, rng))
         # Rewritten after every shape, so an interrupted run still leaves its finished rows.
         write_section(args.output, command, cells, args)
+        plot_section(args.output)
     print(table(cells))
     print(f"wrote {os.path.normpath(args.output)}")
 
