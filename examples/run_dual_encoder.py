@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import transformers
 from transformers import HfArgumentParser
 
-from modeling_gcmr.data_gcmr import load_corpus, split_captions
+from modeling_gcmr.data_gcmr import CorpusArguments, split_captions
 from modeling_gcmr.dual_encoder_gcmr import (
     DualEncoderArguments,
     DualEncoderRetriever,
@@ -35,26 +35,14 @@ from modeling_gcmr.dual_encoder_gcmr import (
 )
 from modeling_gcmr.evaluation_gcmr import evaluate_retriever, save_results
 from modeling_gcmr.image_embeddings_gcmr import save_image_embeddings
-from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataArguments:
-    """The corpus and the held-out queries."""
+class DataArguments(CorpusArguments):
+    """The corpus and the held-out queries (see CorpusArguments), and a model to evaluate."""
 
-    corpus: str | None = field(
-        default=None,
-        metadata={"help": "An imagefolder, or a .jsonl/.json/.csv file (see load_corpus). Default: the synthetic corpus."},
-    )
-    corpus_split: str | None = field(default=None, metadata={"help": "Keep only this split of the corpus."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop invalid corpus rows (with a warning) instead of failing."})
-    synthetic_num_images: int = field(default=200, metadata={"help": "Images of the synthetic corpus."})
-    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
-    synthetic_captions_per_image: int = field(default=3, metadata={"help": "Captions per synthetic image."})
-    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic corpus."})
-    num_query_captions: int = field(default=1, metadata={"help": "Captions per image held out as evaluation queries."})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A folder written by this script, to evaluate without training."}
     )
@@ -72,17 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not training_args.do_train and data_args.model_name_or_path is None:
         parser.error("--do_eval without --do_train needs --model_name_or_path (a folder written by this script)")
 
-    if data_args.corpus is not None:
-        corpus = load_corpus(data_args.corpus, split=data_args.corpus_split, skip_bad_rows=data_args.skip_bad_rows)
-    else:
-        corpus = load_corpus(
-            make_synthetic_corpus(
-                data_args.synthetic_num_images,
-                image_size=data_args.synthetic_image_size,
-                captions_per_image=data_args.synthetic_captions_per_image,
-                seed=data_args.synthetic_seed,
-            )
-        )
+    corpus = data_args.load()
     split = split_captions(corpus, data_args.num_query_captions)
     logger.info("corpus: %d images, %d held-out queries", len(corpus), len(split.queries))
 

@@ -40,7 +40,7 @@ from transformers import (
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
 from modeling_gcmr.collator_gcmr import GcmrDataCollator, build_image_processor
-from modeling_gcmr.data_gcmr import load_corpus, split_captions
+from modeling_gcmr.data_gcmr import CorpusArguments, split_captions
 from modeling_gcmr.evaluation_gcmr import evaluate_retriever
 from modeling_gcmr.model_card_gcmr import build_model_card
 from modeling_gcmr.publishing_gcmr import push_retriever_to_hub, save_retriever
@@ -106,18 +106,9 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """The corpus, the held-out queries, and how training examples are drawn from it."""
+class DataArguments(CorpusArguments):
+    """The corpus and held-out queries (see CorpusArguments), and how training examples are drawn from it."""
 
-    corpus: str | None = field(
-        default=None,
-        metadata={"help": "An imagefolder, or a .jsonl/.json/.csv file (see load_corpus). Default: the synthetic corpus."},
-    )
-    corpus_split: str | None = field(default=None, metadata={"help": "Keep only this split of the corpus."})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop invalid corpus rows (with a warning) instead of failing."})
-    synthetic_num_images: int = field(default=200, metadata={"help": "Images of the synthetic corpus."})
-    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
-    synthetic_captions_per_image: int = field(default=3, metadata={"help": "Captions per synthetic image."})
     image_encoder: str = field(
         default="precomputed",
         metadata={
@@ -125,7 +116,6 @@ class DataArguments:
             "(train the dense baseline on the corpus), or a CLIP-style model folder."
         },
     )
-    num_query_captions: int = field(default=1, metadata={"help": "Captions per image held out as evaluation queries."})
     max_eval_queries: int | None = field(default=None, metadata={"help": "Evaluate on at most this many queries."})
     schedule: Literal["joint", "sequential"] = field(
         default="joint", metadata={"help": "'joint': mixed batches (GRACE); 'sequential': memorize first, then retrieve."}
@@ -275,17 +265,7 @@ def _setup_logging(training_args: TrainingArguments) -> None:
 
 
 def _load(data_args: DataArguments, model_args: ModelArguments) -> datasets.Dataset:
-    if data_args.corpus is not None:
-        corpus = load_corpus(data_args.corpus, split=data_args.corpus_split, skip_bad_rows=data_args.skip_bad_rows)
-    else:
-        from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus
-
-        corpus = make_synthetic_corpus(
-            data_args.synthetic_num_images,
-            image_size=data_args.synthetic_image_size,
-            captions_per_image=data_args.synthetic_captions_per_image,
-            seed=0,
-        )
+    corpus = data_args.load()
     needed = "image_embeds" if model_args.image_input == "embeds" else "image"
     if needed not in corpus.column_names:
         raise ValueError(

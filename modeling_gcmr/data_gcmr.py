@@ -42,7 +42,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +187,38 @@ def load_corpus(
         data["split"] = [str(s) for s in (raw["split"][r] for r in good)]
         features["split"] = datasets.Value("string")
     return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+@dataclass
+class CorpusArguments:
+    """Where the example scripts take their corpus from (HfArgumentParser fields shared by them)."""
+
+    corpus: str | None = field(
+        default=None,
+        metadata={"help": "An imagefolder, or a .jsonl/.json/.csv file (see load_corpus). Default: the synthetic corpus."},
+    )
+    corpus_split: str | None = field(default=None, metadata={"help": "Keep only this split of the corpus."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Drop invalid corpus rows (with a warning) instead of failing."})
+    synthetic_num_images: int = field(default=200, metadata={"help": "Images of the synthetic corpus."})
+    synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
+    synthetic_captions_per_image: int = field(default=3, metadata={"help": "Captions per synthetic image."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic corpus."})
+    num_query_captions: int = field(default=1, metadata={"help": "Captions per image held out as evaluation queries."})
+
+    def load(self) -> datasets.Dataset:
+        """The validated corpus: `--corpus` through `load_corpus`, or the built-in synthetic one."""
+        if self.corpus is not None:
+            return load_corpus(self.corpus, split=self.corpus_split, skip_bad_rows=self.skip_bad_rows)
+        from .synthetic_corpus_gcmr import make_synthetic_corpus
+
+        return load_corpus(
+            make_synthetic_corpus(
+                self.synthetic_num_images,
+                image_size=self.synthetic_image_size,
+                captions_per_image=self.synthetic_captions_per_image,
+                seed=self.synthetic_seed,
+            )
+        )
 
 
 def split_captions(corpus: datasets.Dataset, num_query_captions: int = 1) -> CaptionSplit:
