@@ -691,8 +691,11 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         if positions is not None:
             limits.append(positions - (self.config.num_visual_tokens if with_images else 0))
         limit = min(limits)
-        if max(len(ids) for ids in tokenizer(texts)["input_ids"]) > limit:
-            logger.warning_once(f"queries longer than the encoder's {limit} tokens are truncated to {limit} tokens")
+        encoded = tokenizer(texts)
+        if max(len(ids) for ids in encoded["input_ids"]) <= limit:
+            return tokenizer.pad(encoded, return_tensors="pt")
+        # Rare: only then tokenize a second time, with truncation.
+        logger.warning_once(f"queries longer than the encoder's {limit} tokens are truncated to {limit} tokens")
         return tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
 
 
