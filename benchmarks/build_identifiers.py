@@ -29,7 +29,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tokenization_gcmr.identifier_builders import build_identifiers  # noqa: E402
+from tokenization_gcmr.builders.identifiers import build_identifiers  # noqa: E402
 
 try:
     from tokenization_gcmr.prefix_trie import PrefixTrie  # noqa: E402

@@ -31,8 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import (LogitsProcessor, LogitsProcessorList, PrefixConstrainedLogitsProcessor, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 from transformers.utils import logging as hf_logging
 
 from modeling_gcmr.prefix_trie_logits_processor import PrefixTrieLogitsProcessor
@@ -382,7 +387,7 @@ def plot_section(doc_path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from modeling_gcmr.file_utils_gcmr import atomic_write
+    from modeling_gcmr.atomic_write_gcmr import atomic_write
 
     section = open(doc_path).read().split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in ID_SHAPES]

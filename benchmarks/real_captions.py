@@ -56,10 +56,18 @@ from transformers import (  # noqa: E402
 )
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval  # noqa: E402
-from modeling_gcmr.collator_gcmr import GcmrDataCollator  # noqa: E402
-from modeling_gcmr.dual_encoder_gcmr import DenseIndex  # noqa: E402
-from modeling_gcmr.evaluation_gcmr import plot_recall_curve, retrieval_metrics, save_results, write_per_query_results  # noqa: E402
-from modeling_gcmr.training_gcmr import TrainingExamplesConfig, build_training_examples  # noqa: E402
+from modeling_gcmr.dense.dual_encoder import DenseIndex  # noqa: E402
+from modeling_gcmr.evaluation.metrics import (  # noqa: E402
+    retrieval_metrics,
+    save_results,
+    write_per_query_results,
+)
+from modeling_gcmr.evaluation.plotting import plot_recall_curve  # noqa: E402
+from modeling_gcmr.training.collator import GcmrDataCollator  # noqa: E402
+from modeling_gcmr.training.examples import (  # noqa: E402
+    TrainingExamplesConfig,
+    build_training_examples,
+)
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,10 @@ import argparse
 import time
 
 import numpy as np
+from decoding import (
+    coarse_fine_rows,  # the decoding benchmark's synthetic ids (this script's folder is on sys.path)
+)
 
-from decoding import coarse_fine_rows  # the decoding benchmark's synthetic ids (this script's folder is on sys.path)
 from tokenization_gcmr.prefix_trie import PrefixTrie
 
 

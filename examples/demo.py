@@ -32,11 +32,15 @@ from transformers import AutoModel, AutoTokenizer, HfArgumentParser, pipeline, s
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_gcmr  # noqa: E402  (the sibling example script; the demo drives its main())
 
-from modeling_gcmr.data_gcmr import load_corpus, split_captions  # noqa: E402
-from modeling_gcmr.evaluation_gcmr import plot_recall_curve, retrieval_metrics, save_results  # noqa: E402
+from modeling_gcmr.evaluation.metrics import retrieval_metrics, save_results  # noqa: E402
+from modeling_gcmr.evaluation.plotting import (  # noqa: E402
+    plot_latency,
+    plot_recall_curve,
+    plot_retrieved_images,
+)
 from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK  # noqa: E402  (importing modeling_gcmr registers the task)
-from modeling_gcmr.plotting_gcmr import plot_latency, plot_retrieved_images  # noqa: E402
-from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus, write_imagefolder  # noqa: E402
+from modeling_gcmr.training.data import load_corpus, split_captions  # noqa: E402
+from modeling_gcmr.training.synthetic import make_synthetic_corpus, write_imagefolder  # noqa: E402
 
 # The full size trains in a few minutes on 2 CPU cores; "quick" in seconds, for the test.
 SIZES = {

@@ -26,15 +26,15 @@ from dataclasses import asdict, dataclass, field
 import transformers
 from transformers import HfArgumentParser
 
-from modeling_gcmr.data_gcmr import CorpusArguments, split_captions
-from modeling_gcmr.dual_encoder_gcmr import (
+from modeling_gcmr.dense.dual_encoder import (
     DualEncoderArguments,
     DualEncoderRetriever,
     DualEncoderTrainingArguments,
     train_dual_encoder,
 )
-from modeling_gcmr.evaluation_gcmr import evaluate_retriever, save_results
-from modeling_gcmr.image_embeddings_gcmr import save_image_embeddings
+from modeling_gcmr.dense.image_embeddings import save_image_embeddings
+from modeling_gcmr.evaluation.metrics import evaluate_retriever, save_results
+from modeling_gcmr.training.data import CorpusArguments, split_captions
 
 logger = logging.getLogger(__name__)
 

@@ -39,21 +39,20 @@ from transformers import (
 )
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.collator_gcmr import GcmrDataCollator, build_image_processor
-from modeling_gcmr.data_gcmr import CorpusArguments, split_captions
-from modeling_gcmr.evaluation_gcmr import evaluate_retriever
-from modeling_gcmr.model_card_gcmr import build_model_card
-from modeling_gcmr.publishing_gcmr import push_retriever_to_hub, save_retriever
-from modeling_gcmr.training_gcmr import (
-    RetrievalEvalCallback,
+from modeling_gcmr.evaluation.metrics import evaluate_retriever
+from modeling_gcmr.publishing.checkpoint import push_retriever_to_hub, save_retriever
+from modeling_gcmr.publishing.model_card import build_model_card
+from modeling_gcmr.training.callbacks import RetrievalEvalCallback
+from modeling_gcmr.training.collator import GcmrDataCollator, build_image_processor
+from modeling_gcmr.training.data import CorpusArguments, split_captions
+from modeling_gcmr.training.examples import (
     TrainingExamplesConfig,
-    apply_lora,
     build_query_examples,
     build_training_examples,
-    merge_lora,
 )
+from modeling_gcmr.training.lora import apply_lora, merge_lora
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
-from tokenization_gcmr.text_vocabulary import train_text_tokenizer
+from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +292,7 @@ def _identifier_embeddings(corpus: datasets.Dataset, dense_embeddings, data_args
     """The image embeddings the identifiers are built from (None when the corpus has none and none are asked for)."""
     if data_args.image_encoder == "precomputed":
         return np.asarray(corpus["image_embeds"], dtype=np.float32) if "image_embeds" in corpus.column_names else None
-    from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
+    from modeling_gcmr.dense.image_embeddings import compute_image_embeddings
 
     if data_args.image_encoder == "dual_encoder":
         return dense_embeddings
@@ -395,7 +394,7 @@ def _train_dense_baseline(corpus, train_corpus, text_tokenizer, model_args, data
 
     Returns a `DualEncoderRetriever` over every corpus image and the image embeddings it indexes.
     """
-    from modeling_gcmr.dual_encoder_gcmr import (
+    from modeling_gcmr.dense.dual_encoder import (
         DenseIndex,
         DualEncoderCollator,
         DualEncoderConfig,
@@ -403,7 +402,7 @@ def _train_dense_baseline(corpus, train_corpus, text_tokenizer, model_args, data
         DualEncoderRetriever,
         caption_pairs,
     )
-    from modeling_gcmr.image_embeddings_gcmr import compute_image_embeddings
+    from modeling_gcmr.dense.image_embeddings import compute_image_embeddings
 
     config = DualEncoderConfig(
         text_config=BertConfig(

@@ -50,7 +50,7 @@ def caption_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def text_tokenizer(caption_corpus):
     """A tiny T5-style WordPiece tokenizer (<pad>=0, </s>=1, <unk>=2) trained on `caption_corpus`."""
-    from tokenization_gcmr.text_vocabulary import train_text_tokenizer
+    from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 
     return train_text_tokenizer(caption_corpus, vocab_size=200)
 

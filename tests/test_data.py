@@ -6,7 +6,11 @@ import datasets
 import pytest
 from PIL import Image
 
-from modeling_gcmr.data_gcmr import CorpusValidationError, load_corpus, split_captions
+from modeling_gcmr.training.data import (
+    CorpusValidationError,
+    load_corpus,
+    split_captions,
+)
 
 
 def _png(path, colour=(255, 0, 0)):

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, CLIPVisionConfig
 
-from modeling_gcmr.data_gcmr import load_corpus, split_captions
-from modeling_gcmr.dual_encoder_gcmr import (
+from modeling_gcmr.dense.dual_encoder import (
     DenseIndex,
     DualEncoderArguments,
     DualEncoderCollator,
@@ -22,9 +21,10 @@ from modeling_gcmr.dual_encoder_gcmr import (
     caption_pairs,
     train_dual_encoder,
 )
-from modeling_gcmr.evaluation_gcmr import evaluate_retriever
-from modeling_gcmr.image_embeddings_gcmr import load_image_embeddings
-from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus, write_imagefolder
+from modeling_gcmr.dense.image_embeddings import load_image_embeddings
+from modeling_gcmr.evaluation.metrics import evaluate_retriever
+from modeling_gcmr.training.data import load_corpus, split_captions
+from modeling_gcmr.training.synthetic import make_synthetic_corpus, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,9 @@ def test_config_needs_an_image_path():
 
 
 def test_pixel_tower_gets_gradients_through_the_collator(corpus):
-    from tokenization_gcmr.text_vocabulary import train_text_tokenizer
     from transformers import CLIPImageProcessorPil
+
+    from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 
     tokenizer = train_text_tokenizer((c for cs in corpus["captions"] for c in cs), vocab_size=200)
     config = DualEncoderConfig(

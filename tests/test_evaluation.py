@@ -5,13 +5,13 @@ import random
 import evaluate
 import pytest
 
-from modeling_gcmr.evaluation_gcmr import (
+from modeling_gcmr.evaluation.metrics import (
     RECALL_METRIC_PATH,
     evaluate_retriever,
-    plot_recall_curve,
     retrieval_metrics,
     write_per_query_results,
 )
+from modeling_gcmr.evaluation.plotting import plot_recall_curve
 
 KS = (1, 3, 5, 10)
 

@@ -5,9 +5,9 @@ import functools
 
 import pytest
 import torch
+from test_modeling import tester
 
 from modeling_gcmr.fusion_gcmr import CoarseToFineFusion
-from test_modeling import tester
 
 LAYERS, BATCH, STEPS, LENGTH = 3, 2, 4, 6
 

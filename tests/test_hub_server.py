@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from hub_server import client_env, git_blob_id, running_hub_server
 
 CLIENT_SCRIPT = r"""

@@ -12,7 +12,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tokenization_gcmr.identifier_builders import ID_TYPES, OPTIONS_CLASSES, build_identifiers
+from tokenization_gcmr.builders.identifiers import (
+    ID_TYPES,
+    OPTIONS_CLASSES,
+    build_identifiers,
+)
 from tokenization_gcmr.identifier_table import IdentifierTable
 
 WORDS = "a an the red blue green big small circle square triangle left right of above below".split()

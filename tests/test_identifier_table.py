@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tokenization_gcmr import identifier_table
-from tokenization_gcmr.identifier_builders import build_identifiers
+from tokenization_gcmr.builders.identifiers import build_identifiers
 from tokenization_gcmr.identifier_table import (
     FORMAT_VERSION,
     TABLE_HEADER_NAME,

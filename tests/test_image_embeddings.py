@@ -4,14 +4,18 @@ import pytest
 import torch
 from transformers import BertConfig, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from modeling_gcmr.data_gcmr import load_corpus
-from modeling_gcmr.dual_encoder_gcmr import DualEncoderConfig, DualEncoderModel
-from modeling_gcmr.image_embeddings_gcmr import (
+from modeling_gcmr.dense.dual_encoder import (
+    DualEncoderConfig,
+    DualEncoderModel,
+    train_dual_encoder,
+)
+from modeling_gcmr.dense.image_embeddings import (
     compute_image_embeddings,
     load_image_embeddings,
     save_image_embeddings,
 )
-from modeling_gcmr.synthetic_corpus_gcmr import FEATURE_DIM, make_synthetic_corpus
+from modeling_gcmr.training.data import load_corpus
+from modeling_gcmr.training.synthetic import FEATURE_DIM, make_synthetic_corpus
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def test_clip_checkpoint_by_path(corpus, tmp_path):
         pixels = processor(images=[corpus[7]["image"]], return_tensors="pt")["pixel_values"]
         expected = model.get_image_features(pixel_values=pixels).pooler_output[0].numpy()
     assert np.allclose(embeddings[7], expected, atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="not 'precomputed', 'dual_encoder' or a local checkpoint"):
+    with pytest.raises(FileNotFoundError, match="not 'precomputed' or a local checkpoint"):
         compute_image_embeddings(corpus, str(tmp_path / "nothing-here"))
 
 
@@ -61,7 +65,8 @@ def test_precomputed_and_dual_encoder_features(corpus):
 
 def test_dual_encoder_trained_on_the_corpus(corpus):
     # Without an image column the baseline trains on `image_embeds` (the pixel tower is tested elsewhere).
-    features = compute_image_embeddings(corpus.remove_columns("image"), "dual_encoder")
+    embeds_only = corpus.remove_columns("image")
+    features = compute_image_embeddings(embeds_only, train_dual_encoder(embeds_only).model)
     assert features.shape == (10, 64) and np.isfinite(features).all()
     assert len({tuple(np.round(row, 4)) for row in features}) == 10
 

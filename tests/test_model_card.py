@@ -5,11 +5,16 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from subprocess_utils import run_without_package
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.model_card_gcmr import BASELINE_CONFIG, PIPELINE_TAG, build_model_card, extract_usage_snippet
-from modeling_gcmr.publishing_gcmr import save_retriever
-from subprocess_utils import run_without_package
+from modeling_gcmr.publishing.checkpoint import save_retriever
+from modeling_gcmr.publishing.model_card import (
+    BASELINE_CONFIG,
+    PIPELINE_TAG,
+    build_model_card,
+    extract_usage_snippet,
+)
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 
 METRICS = {"recall@1": 0.5, "recall@5": np.float64(0.8), "recall@10": 0.9, "mrr@10": 0.625, "num_queries": 40}

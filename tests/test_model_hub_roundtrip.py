@@ -7,10 +7,9 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModel
-
 from subprocess_utils import run_without_package
 from test_modeling import EMBED_DIM, id_tokenizer, retriever
+from transformers import AutoModel
 
 QUERIES = ["a small red circle left of a blue square", "a big green star", "3 tiny pink rings above a cross"]
 

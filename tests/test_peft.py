@@ -5,9 +5,8 @@ import os
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModel
-
 from test_modeling import id_tokenizer, retriever
+from transformers import AutoModel
 
 QUERIES = ["a small red circle left of a blue square", "a big green star"]
 

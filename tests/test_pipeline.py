@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
+from subprocess_utils import run_without_package
 from transformers import pipeline
 
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
 from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK, GcmrRetrievalPipeline
-from modeling_gcmr.publishing_gcmr import save_retriever
-from modeling_gcmr.synthetic_corpus_gcmr import FEATURE_DIM, make_synthetic_corpus
-from subprocess_utils import run_without_package
+from modeling_gcmr.publishing.checkpoint import save_retriever
+from modeling_gcmr.training.synthetic import FEATURE_DIM, make_synthetic_corpus
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 
 QUERIES = ["a red circle to the left of a blue square", "a green cross above a pink diamond"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_gcmr.plotting_gcmr import (
+from modeling_gcmr.evaluation.plotting import (
     CELL_HEIGHT_INCHES,
     CELL_WIDTH_INCHES,
     QUERY_TITLE_INCHES,
@@ -37,7 +37,7 @@ def test_retrieved_images_grid_has_one_row_per_query_and_a_column_per_hit(tmp_pa
     path = tmp_path / "figs" / "retrieved.png"
     written = plot_retrieved_images(["a red square", "a blue square"], hits, images_by_key, path,
                                     gold=["red", ["blue"]], dpi=50)
-    assert written == str(path)
+    assert written == path
     width, height = _png_size(path)
     assert width == round(3 * CELL_WIDTH_INCHES * 50)
     assert height == round(2 * (CELL_HEIGHT_INCHES + QUERY_TITLE_INCHES) * 50)

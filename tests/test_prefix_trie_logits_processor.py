@@ -2,7 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList, PrefixConstrainedLogitsProcessor, T5Config, T5ForConditionalGeneration
+from transformers import (
+    LogitsProcessorList,
+    PrefixConstrainedLogitsProcessor,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from modeling_gcmr.prefix_trie_logits_processor import PrefixTrieLogitsProcessor
 from tokenization_gcmr.prefix_trie import PrefixTrie

@@ -11,14 +11,14 @@ import subprocess
 import sys
 
 import pytest
-from huggingface_hub import ModelCard
-
 from hub_server import client_env, running_hub_server
-from modeling_gcmr import GcmrForRetrieval
-from modeling_gcmr.model_card_gcmr import build_model_card, extract_usage_snippet
-from modeling_gcmr.publishing_gcmr import save_retriever
+from huggingface_hub import ModelCard
 from subprocess_utils import run_without_package
 from test_model_card import TINY_QUERY, build_tiny_retriever
+
+from modeling_gcmr import GcmrForRetrieval
+from modeling_gcmr.publishing.checkpoint import save_retriever
+from modeling_gcmr.publishing.model_card import build_model_card, extract_usage_snippet
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 
 CONTRACT_REPO = "tester/gcmr-contract"  # pushed with model.push_to_hub + tokenizer.push_to_hub + the card
@@ -29,7 +29,7 @@ PUSH_SCRIPT = r"""
 import json, sys
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from modeling_gcmr import GcmrForRetrieval
-from modeling_gcmr.publishing_gcmr import push_retriever_to_hub
+from modeling_gcmr.publishing.checkpoint import push_retriever_to_hub
 from tokenization_gcmr import ImageIdTokenizer
 
 local, card_contract, card_one_commit = sys.argv[1:4]

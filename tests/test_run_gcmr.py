@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from subprocess_utils import run_without_package
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +31,10 @@ def run_script(args: list[str], cwd: Path, launcher: list[str] | None = None, ti
 
 @pytest.fixture(scope="module")
 def imagefolder(tmp_path_factory) -> Path:
-    from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus, write_imagefolder
+    from modeling_gcmr.training.synthetic import (
+        make_synthetic_corpus,
+        write_imagefolder,
+    )
 
     corpus = make_synthetic_corpus(12, image_size=32, captions_per_image=3, seed=1).remove_columns("attributes")
     return write_imagefolder(corpus, tmp_path_factory.mktemp("corpus") / "shapes")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from modeling_gcmr.data_gcmr import load_corpus
-from modeling_gcmr.synthetic_corpus_gcmr import (
+from modeling_gcmr.training.data import load_corpus
+from modeling_gcmr.training.synthetic import (
     COLOURS,
     FEATURE_DIM,
     make_synthetic_corpus,

@@ -5,11 +5,18 @@ import os
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from subprocess_utils import run_without_package
+from tokenizers import (
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer
 
 from modeling_gcmr import GcmrConfig
-from subprocess_utils import run_without_package
 from tokenization_gcmr import (
     IdentifierTable,
     IdentifierTableError,
@@ -342,7 +349,7 @@ def test_trained_wordpiece_vocabulary_is_the_same_in_every_process(caption_corpu
     corpus_file = tmp_path / "captions.json"
     corpus_file.write_text(json.dumps(caption_corpus))
     code = (
-        "import json, sys; from tokenization_gcmr.text_vocabulary import train_text_tokenizer; "
+        "import json, sys; from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer; "
         f"texts = json.load(open({str(corpus_file)!r})); "
         "print(json.dumps(sorted(train_text_tokenizer(texts, vocab_size=150).get_vocab().items())))"
     )

@@ -9,16 +9,19 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_gcmr.collator_gcmr import LABEL_PAD_ID, GcmrDataCollator, build_image_processor
-from modeling_gcmr.training_gcmr import (
+from modeling_gcmr.training.callbacks import RetrievalEvalCallback
+from modeling_gcmr.training.collator import (
+    LABEL_PAD_ID,
+    GcmrDataCollator,
+    build_image_processor,
+)
+from modeling_gcmr.training.examples import (
     MEMORIZE,
     RETRIEVE,
-    RetrievalEvalCallback,
     TrainingExamplesConfig,
     build_query_examples,
     build_training_examples,
 )
-
 
 # ----------------------------------------------------------------------------- collator
 
@@ -183,10 +186,10 @@ def tiny_setup():
     from transformers import T5Config
 
     from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-    from modeling_gcmr.data_gcmr import split_captions
-    from modeling_gcmr.synthetic_corpus_gcmr import make_synthetic_corpus
+    from modeling_gcmr.training.data import split_captions
+    from modeling_gcmr.training.synthetic import make_synthetic_corpus
     from tokenization_gcmr import ImageIdTokenizer, build_identifiers
-    from tokenization_gcmr.text_vocabulary import train_text_tokenizer
+    from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 
     corpus = make_synthetic_corpus(12, captions_per_image=3, seed=0).remove_columns(["image", "attributes"])
     split = split_captions(corpus, num_query_captions=1)
@@ -268,7 +271,7 @@ def test_lora_trains_adapters_and_merges_into_a_plain_model(tiny_setup, tmp_path
     from peft import PeftModel
     from transformers import T5ForConditionalGeneration
 
-    from modeling_gcmr.training_gcmr import apply_lora, merge_lora
+    from modeling_gcmr.training.lora import apply_lora, merge_lora
 
     tokenizer, split = tiny_setup["tokenizer"], tiny_setup["split"]
     model = apply_lora(tiny_setup["make_model"](), r=4, alpha=8)
@@ -298,7 +301,7 @@ def test_lora_keeps_every_token_matrix_trainable(backbone):
     head (an EncoderDecoder pair has one) must still receive gradients, while the attention stays frozen."""
     from test_modeling import tester
 
-    from modeling_gcmr.training_gcmr import apply_lora
+    from modeling_gcmr.training.lora import apply_lora
 
     model = apply_lora(tester.model(backbone=backbone, vision=None), r=2, target_modules=("query", "value") if backbone != "t5" else ("q", "v"))
     weights = model.token_embedding_weights()

@@ -1,19 +1,31 @@
-"""ImageIdTokenizer and the identifier builders.
+"""ImageIdTokenizer, the identifier table and the prefix trie; the identifier builders in `builders/`.
 
-Importing this package registers ImageIdTokenizer with AutoTokenizer for the "gcmr" model type, so
-``AutoTokenizer.from_pretrained(folder)`` loads a saved tokenizer without remote code.
+The flat files of this folder are the ones a checkpoint carries (the Hub copies them); `builders/` is the toolkit
+that makes identifier tables and never travels. This package imports nothing from `modeling_gcmr`: importing
+`modeling_gcmr` registers `ImageIdTokenizer` with AutoTokenizer for the "gcmr" model type.
 """
-from transformers import AutoTokenizer
-
-from modeling_gcmr.configuration_gcmr import GcmrConfig
-
-from .identifier_builders import build_identifiers
-from .identifier_table import IdentifierTable, IdentifierTableError, table_from_sequences
+from .identifier_table import (
+    IdentifierTable,
+    IdentifierTableError,
+    table_from_sequences,
+)
 from .prefix_trie import PrefixTrie, PrefixTrieError
-from .text_vocabulary import train_text_tokenizer
 from .tokenization_gcmr import ImageIdTokenizer
 
-AutoTokenizer.register(GcmrConfig, tokenizer_class=ImageIdTokenizer, exist_ok=True)
+# The builders pull in faiss and torch: import them on first use only.
+_LAZY_EXPORTS = {
+    "build_identifiers": "builders.identifiers",
+    "train_text_tokenizer": "builders.text_vocabulary",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IdentifierTable",
@@ -21,7 +33,6 @@ __all__ = [
     "ImageIdTokenizer",
     "PrefixTrie",
     "PrefixTrieError",
-    "build_identifiers",
     "table_from_sequences",
-    "train_text_tokenizer",
+    *_LAZY_EXPORTS,
 ]

@@ -1,8 +1,8 @@
-"""The two training steps of GRACE as one `datasets.Dataset`, and Recall@K evaluation inside `transformers.Trainer`.
+"""The two training steps of GRACE as one `datasets.Dataset`.
 
 *Learning to memorize* maps an image to its identifier; *learning to retrieve* maps a caption (or a
 pseudo-query) to it. `build_training_examples` turns a corpus into rows tagged with their `task`, ready for
-`GcmrDataCollator` (`collator_gcmr.py`) and a plain `Trainer`.
+`GcmrDataCollator` (`collator.py`) and a plain `Trainer`.
 
 Schedules:
   * ``joint`` (GRACE): memorize and retrieve rows mixed; the Trainer's random sampler mixes them in every batch.
@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import datasets
 import numpy as np
-from transformers import TrainerCallback
 from transformers.utils import logging
 
 MEMORIZE, RETRIEVE = "memorize", "retrieve"
@@ -204,115 +203,4 @@ def _retrieve_rows(pairs, tokenizer, labels, config, image_features) -> datasets
     return datasets.Dataset.from_dict(data, features=datasets.Features(features))
 
 
-def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules: Sequence[str] = ("q", "v")):
-    """Wrap `model.backbone` with peft LoRA adapters on its attention projections; return `model`.
-
-    Only the backbone is wrapped, so GCMR's own new parts (image projectors, vision tower, fusion) keep training
-    fully. The token embedding matrices (input embeddings and LM head, tied or not) stay trainable as well: the
-    identifier tokens are new rows that no adapter can learn. The Trainer saves the whole model, adapters
-    included, so `resume_from_checkpoint` works as usual; `merge_lora` folds the adapters in for publishing.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-    model.backbone = get_peft_model(model.backbone, config)
-    # Every token matrix, so an untied LM head (an EncoderDecoder pair) learns the identifier rows too.
-    for weight in model.token_embedding_weights():
-        weight.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("LoRA r=%d on %s: %d of %d parameters train (%.1f%%)", r, list(target_modules), trainable, total, 100 * trainable / total)
-    return model
-
-
-def merge_lora(model, adapter_dir: str | None = None):
-    """Fold the backbone's LoRA adapters into its weights (saving them to `adapter_dir` first, when given); return `model`."""
-    from peft import PeftModel
-
-    if not isinstance(model.backbone, PeftModel):
-        raise ValueError("the model's backbone has no LoRA adapters to merge (apply_lora was not called)")
-    if adapter_dir is not None:
-        model.backbone.save_pretrained(adapter_dir, save_embedding_layers=True)
-    model.backbone = model.backbone.merge_and_unload()
-    return model
-
-
-class RetrievalEvalCallback(TrainerCallback):
-    """Adds Recall@K and MRR@10 of trie-constrained decoding to every `Trainer` evaluation.
-
-    On each `on_evaluate`, the held-out `queries` are decoded with `model.retrieve` (each process decodes its
-    share; accelerate gathers them), and `eval_recall@K` / `eval_mrr@10` are added to the metrics that
-    `trainer.evaluate()` returns (so `metric_for_best_model="eval_recall@1"` works) and to the evaluation entry
-    of `trainer.state.log_history` (saved with every checkpoint). It keeps no state of its own, so resuming
-    from a checkpoint needs nothing from it.
-    """
-
-    def __init__(
-        self,
-        queries: Sequence[str],
-        gold_keys: Sequence[str],
-        tokenizer,
-        ks: Sequence[int] = (1, 5, 10),
-        num_beams: int | None = None,
-        batch_size: int = 32,
-        metric_key_prefix: str = "eval",
-    ):
-        if len(queries) != len(gold_keys):
-            raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
-        if not queries:
-            raise ValueError("RetrievalEvalCallback needs at least one held-out query")
-        self.queries, self.gold_keys = list(queries), list(gold_keys)
-        self.tokenizer, self.ks = tokenizer, tuple(ks)
-        self.num_beams, self.batch_size, self.prefix = num_beams, batch_size, metric_key_prefix
-
-    def compute(self, model) -> dict[str, float]:
-        """Decode every query (sharded over processes) and return the prefixed retrieval metrics."""
-        from accelerate import PartialState
-        from accelerate.utils import gather_object
-
-        from .evaluation_gcmr import retrieval_metrics
-
-        was_training = model.training
-        model.eval()
-        try:
-            with PartialState().split_between_processes(list(range(len(self.queries)))) as shard:
-                hits = model.retrieve(
-                    [self.queries[i] for i in shard],
-                    self.tokenizer,
-                    top_k=max(self.ks + (10,)),
-                    num_beams=self.num_beams,
-                    batch_size=self.batch_size,
-                    show_progress=False,
-                )
-            rankings = gather_object([[key for key, _ in ranked] for ranked in hits])
-        finally:
-            model.train(was_training)
-        metrics = retrieval_metrics(rankings, self.gold_keys, ks=self.ks)
-        return {f"{self.prefix}_{name}": float(value) for name, value in metrics.items()}
-
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        results = self.compute(model)
-        if metrics is not None:
-            metrics.update(results)
-        # Trainer.log appended the evaluation entry just before this event; extend that entry.
-        last = state.log_history[-1] if state.log_history else None
-        if last is not None and last.get("step") == state.global_step and f"{self.prefix}_loss" in last:
-            last.update(results)
-        else:
-            state.log_history.append({**results, "step": state.global_step, "epoch": state.epoch})
-        if state.is_world_process_zero:
-            logger.info("retrieval at step %d: %s", state.global_step, results)
-
-
-__all__ = [
-    "MEMORIZE",
-    "RETRIEVE",
-    "RetrievalEvalCallback",
-    "TrainingExamplesConfig",
-    "apply_lora",
-    "build_query_examples",
-    "build_training_examples",
-    "merge_lora",
-]
+__all__ = ["IMAGE_COLUMNS", "MEMORIZE", "RETRIEVE", "TrainingExamplesConfig", "build_query_examples", "build_training_examples"]

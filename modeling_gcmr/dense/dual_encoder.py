@@ -53,9 +53,9 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 from transformers.utils import ModelOutput
 
-from tokenization_gcmr.text_vocabulary import train_text_tokenizer
+from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 
-from .image_embeddings_gcmr import compute_image_embeddings
+from .image_embeddings import compute_image_embeddings
 
 
 @strict

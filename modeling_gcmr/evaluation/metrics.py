@@ -4,7 +4,6 @@
     evaluate_retriever(retrieve_fn, queries, gold, top_k=10, results_path=None) -> the same dict
     write_per_query_results(path, queries, gold, hits)      # JSONL, one line per query
     save_results(path, results)                             # a results dict as JSON, atomic
-    plot_recall_curve(rankings_by_name, gold, path)         # Recall@k for k = 1..max_k, one line per system
     RECALL_METRIC_PATH                                      # evaluate.load(RECALL_METRIC_PATH) works offline
 
 A query counts as found at rank r when the first of its gold keys in the ranking sits at position r (1-based);
@@ -21,9 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .file_utils_gcmr import atomic_write
+from ..atomic_write_gcmr import atomic_write
 
-RECALL_METRIC_PATH = str(Path(__file__).resolve().parent / "metrics" / "gcmr_recall")
+RECALL_METRIC_PATH = str(Path(__file__).resolve().parent / "gcmr_recall")
 MRR_CUTOFF = 10
 
 Gold = str | Sequence[str] | set[str] | frozenset[str]
@@ -119,36 +118,5 @@ def evaluate_retriever(
     return retrieval_metrics([[key for key, _ in h] for h in hits], gold, ks=ks)
 
 
-def plot_recall_curve(
-    rankings_by_name: Mapping[str, Sequence[Sequence[str]]],
-    gold: Sequence[Gold],
-    path: str | os.PathLike,
-    max_k: int = 10,
-) -> Path:
-    """Plot Recall@k against k = 1..max_k, one line per system (all ranked for the same queries); PNG, atomic."""
-    if not rankings_by_name:
-        raise ValueError("plot_recall_curve needs at least one system")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = list(range(1, max_k + 1))
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    for name, rankings in rankings_by_name.items():
-        metrics = retrieval_metrics(rankings, gold, ks=ks)
-        axes.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=name)
-    axes.set(xlabel="k", ylabel="Recall@k", ylim=(0, 1.02), xticks=ks, title=f"Recall@k over {len(gold)} queries")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    try:
-        return atomic_write(Path(path), lambda f: figure.savefig(f, format="png", dpi=120), mode="wb")
-    finally:
-        plt.close(figure)
-
-
 def _as_set(gold: Gold) -> set[str]:
     return {gold} if isinstance(gold, str) else set(gold)
-
-

@@ -1,6 +1,6 @@
-"""Figures people would rather look at than read: retrieved images per query and decoding latency.
+"""Figures people would rather look at than read: retrieved images per query, recall curves and decoding latency.
 
-Recall curves live next to the metrics (`evaluation_gcmr.plot_recall_curve`). matplotlib is imported
+Also Recall@k curves of several systems on the same queries. matplotlib is imported
 lazily, with the non-interactive Agg backend, so importing this module costs nothing and works
 headless. Every figure is written atomically (a temp name in the same folder, then `os.replace`).
 """
@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
-from .file_utils_gcmr import atomic_write
+from ..atomic_write_gcmr import atomic_write
+from .metrics import Gold, retrieval_metrics
 
 # A thumbnail cell, in inches: the image plus one line of rank/score text above it.
 CELL_WIDTH_INCHES = 1.6
@@ -36,7 +38,7 @@ def plot_retrieved_images(
     gold: Sequence[str | Sequence[str] | None] | None = None,
     top_k: int | None = None,
     dpi: int = 100,
-) -> str:
+) -> Path:
     """Draw one row per query (the query text as the row title) with its top-k images, best first.
 
     ``hits[i]`` holds query i's results as ``(image_key, score)`` pairs (what `GcmrForRetrieval.retrieve`
@@ -95,6 +97,32 @@ def plot_retrieved_images(
         plt.close(figure)
 
 
+def plot_recall_curve(
+    rankings_by_name: Mapping[str, Sequence[Sequence[str]]],
+    gold: Sequence[Gold],
+    path: str | os.PathLike,
+    max_k: int = 10,
+) -> Path:
+    """Plot Recall@k against k = 1..max_k, one line per system (all ranked for the same queries); PNG, atomic."""
+    if not rankings_by_name:
+        raise ValueError("plot_recall_curve needs at least one system")
+    plt = _pyplot()
+    ks = list(range(1, max_k + 1))
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for name, rankings in rankings_by_name.items():
+        metrics = retrieval_metrics(rankings, gold, ks=ks)
+        axes.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=name)
+    axes.set(xlabel="k", ylabel="Recall@k", ylim=(0, 1.02), xticks=ks, title=f"Recall@k over {len(gold)} queries")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    try:
+        figure.set_dpi(120)
+        return _save_atomically(figure, path)
+    finally:
+        plt.close(figure)
+
+
 def plot_latency(
     series: Mapping[str, Mapping[float, float]],
     path: str | os.PathLike,
@@ -105,7 +133,7 @@ def plot_latency(
     log_x: bool = False,
     figsize: tuple[float, float] = (6.0, 4.0),
     dpi: int = 100,
-) -> str:
+) -> Path:
     """Line plot of latency: ``series[name][x] = y`` (e.g. ms per query vs beams or vs corpus size).
 
     ``reference[name] = y`` draws a dashed horizontal line, for a method whose latency does not depend on x
@@ -196,10 +224,9 @@ def _load_image(image: ImageLike, key: str) -> np.ndarray:
     raise ValueError(f"image {key!r}: expected a PIL image, an (H, W[, 3|4]) array or a file path, got shape {array.shape}")
 
 
-def _save_atomically(figure, path: str | os.PathLike) -> str:
+def _save_atomically(figure, path: str | os.PathLike) -> Path:
     """Write the figure as PNG under a temp name in the target folder, then rename it into place."""
-    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=figure.dpi), mode="wb")
-    return os.fspath(path)
+    return atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=figure.dpi), mode="wb")
 
 
 __all__ = ["plot_latency", "plot_retrieved_images"]

@@ -7,8 +7,6 @@
   * `"precomputed"`: the dataset's `image_embeds` column, as is;
   * a path to a `CLIPModel`-compatible checkpoint (loaded with `local_files_only=True`, never downloaded) with its
     image processor saved next to it; the features are `CLIPModel.get_image_features`;
-  * `"dual_encoder"`: train the dense baseline on `dataset` itself (`train_dual_encoder`, default settings) and
-    take its normalised image embeddings: for corpora with no pretrained encoder available offline;
   * a loaded `CLIPModel`, or a trained `DualEncoderModel` (its normalised image embeddings, from `pixel_values`
     with an `image_processor`, or from the `image_embeds` column when it was trained on them).
 
@@ -42,15 +40,11 @@ def compute_image_embeddings(
         if "image_embeds" not in dataset.column_names:
             raise ValueError(f"source='precomputed' needs an `image_embeds` column; the dataset has {dataset.column_names}")
         return np.asarray(dataset["image_embeds"], dtype=np.float32)
-    if isinstance(source, str) and source == "dual_encoder":
-        # Imported here: dual_encoder_gcmr builds its index with this module.
-        from .dual_encoder_gcmr import train_dual_encoder
-
-        return train_dual_encoder(dataset).index.embeddings
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isdir(source):
             raise FileNotFoundError(
-                f"image encoder {str(source)!r} is not 'precomputed', 'dual_encoder' or a local checkpoint folder"
+                f"image encoder {str(source)!r} is not 'precomputed' or a local checkpoint folder; to embed with the dense "
+                "baseline, train it (dense.dual_encoder.train_dual_encoder) and pass its model"
             )
         image_processor = image_processor or AutoImageProcessor.from_pretrained(source, local_files_only=True)
         source = CLIPModel.from_pretrained(source, local_files_only=True)
@@ -64,7 +58,7 @@ def compute_image_embeddings(
         encode = lambda pixels: source.encode_images(pixel_values=pixels)  # noqa: E731
     else:
         raise TypeError(
-            f"source must be 'precomputed', 'dual_encoder', a checkpoint path, a CLIPModel or a DualEncoderModel, "
+            f"source must be 'precomputed', a checkpoint path, a CLIPModel or a DualEncoderModel, "
             f"got {type(source).__name__}"
         )
     if image_processor is None:

@@ -2,7 +2,7 @@
 import datasets
 import evaluate
 
-from modeling_gcmr.evaluation_gcmr import retrieval_metrics
+from modeling_gcmr.evaluation.metrics import retrieval_metrics
 
 _DESCRIPTION = """
 Recall@K and MRR@10 of ranked retrieval results. For each query, `predictions` holds the retrieved image keys,
@@ -20,7 +20,7 @@ Returns:
     `recall@k` for each k, `mrr@10` and `num_queries`.
 Examples:
     >>> import evaluate
-    >>> from modeling_gcmr.evaluation_gcmr import RECALL_METRIC_PATH
+    >>> from modeling_gcmr.evaluation.metrics import RECALL_METRIC_PATH
     >>> metric = evaluate.load(RECALL_METRIC_PATH)
     >>> metric.compute(predictions=[["b", "a"], ["c"]], references=["a", "x"], ks=[1, 2])
     {'recall@1': 0.0, 'recall@2': 0.5, 'mrr@10': 0.25, 'num_queries': 2}

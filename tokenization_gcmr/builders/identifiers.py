@@ -15,8 +15,15 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from .identifier_table import IdentifierTable
-from .residual_quantization import ASSIGN_BATCH, assign, kmeans_centroids, residual_kmeans, sample_rows, train_rqvae
+from ..identifier_table import IdentifierTable
+from .quantizers import (
+    ASSIGN_BATCH,
+    assign,
+    kmeans_centroids,
+    residual_kmeans,
+    sample_rows,
+    train_rqvae,
+)
 
 PROGRESS_MIN_ITEMS = 50_000
 # Squared distances of larger values overflow float32 inside k-means.

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.utils import is_torchvision_available
 
-from .modeling_gcmr import LABEL_PAD_ID
+from ..modeling_gcmr import LABEL_PAD_ID
 
 
 def build_image_processor(vision_config: PreTrainedConfig):

@@ -209,7 +209,7 @@ class CorpusArguments:
         """The validated corpus: `--corpus` through `load_corpus`, or the built-in synthetic one."""
         if self.corpus is not None:
             return load_corpus(self.corpus, split=self.corpus_split, skip_bad_rows=self.skip_bad_rows)
-        from .synthetic_corpus_gcmr import make_synthetic_corpus
+        from .synthetic import make_synthetic_corpus
 
         return load_corpus(
             make_synthetic_corpus(

@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .file_utils_gcmr import make_shareable
+from ..atomic_write_gcmr import make_shareable
 
 COLOURS = {
     "red": (220, 40, 40),

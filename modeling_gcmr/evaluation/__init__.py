@@ -1,0 +1,6 @@
+"""Evaluation toolkit (never copied into a checkpoint): Recall@K / MRR@10, result files, the `evaluate` metric, plots.
+
+    metrics.py     retrieval_metrics, evaluate_retriever, write_per_query_results, save_results, RECALL_METRIC_PATH
+    plotting.py    retrieved-image grids, recall curves, latency plots
+    gcmr_recall/   the `evaluate` metric module, loadable offline with evaluate.load(RECALL_METRIC_PATH)
+"""

@@ -1,0 +1,9 @@
+"""Training toolkit (never copied into a checkpoint): corpora, training examples, the collator, callbacks, LoRA.
+
+    data.py       load_corpus / split_captions / CorpusArguments: corpora loaded and validated row by row
+    synthetic.py  the built-in synthetic corpus (coloured shapes and paraphrased captions) and write_imagefolder
+    examples.py   memorize and retrieve rows (build_training_examples) for a plain transformers.Trainer
+    collator.py   GcmrDataCollator: pads text and labels, batches image features or pixels
+    callbacks.py  RetrievalEvalCallback: Recall@K of constrained decoding inside Trainer evaluations
+    lora.py       apply_lora / merge_lora with peft
+"""

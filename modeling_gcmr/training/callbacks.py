@@ -1,0 +1,79 @@
+"""Recall@K of trie-constrained decoding inside `transformers.Trainer` evaluations."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+class RetrievalEvalCallback(TrainerCallback):
+    """Adds Recall@K and MRR@10 of trie-constrained decoding to every `Trainer` evaluation.
+
+    On each `on_evaluate`, the held-out `queries` are decoded with `model.retrieve` (each process decodes its
+    share; accelerate gathers them), and `eval_recall@K` / `eval_mrr@10` are added to the metrics that
+    `trainer.evaluate()` returns (so `metric_for_best_model="eval_recall@1"` works) and to the evaluation entry
+    of `trainer.state.log_history` (saved with every checkpoint). It keeps no state of its own, so resuming
+    from a checkpoint needs nothing from it.
+    """
+
+    def __init__(
+        self,
+        queries: Sequence[str],
+        gold_keys: Sequence[str],
+        tokenizer,
+        ks: Sequence[int] = (1, 5, 10),
+        num_beams: int | None = None,
+        batch_size: int = 32,
+        metric_key_prefix: str = "eval",
+    ):
+        if len(queries) != len(gold_keys):
+            raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
+        if not queries:
+            raise ValueError("RetrievalEvalCallback needs at least one held-out query")
+        self.queries, self.gold_keys = list(queries), list(gold_keys)
+        self.tokenizer, self.ks = tokenizer, tuple(ks)
+        self.num_beams, self.batch_size, self.prefix = num_beams, batch_size, metric_key_prefix
+
+    def compute(self, model) -> dict[str, float]:
+        """Decode every query (sharded over processes) and return the prefixed retrieval metrics."""
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        from ..evaluation.metrics import retrieval_metrics
+
+        was_training = model.training
+        model.eval()
+        try:
+            with PartialState().split_between_processes(list(range(len(self.queries)))) as shard:
+                hits = model.retrieve(
+                    [self.queries[i] for i in shard],
+                    self.tokenizer,
+                    top_k=max(self.ks + (10,)),
+                    num_beams=self.num_beams,
+                    batch_size=self.batch_size,
+                    show_progress=False,
+                )
+            rankings = gather_object([[key for key, _ in ranked] for ranked in hits])
+        finally:
+            model.train(was_training)
+        metrics = retrieval_metrics(rankings, self.gold_keys, ks=self.ks)
+        return {f"{self.prefix}_{name}": float(value) for name, value in metrics.items()}
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        results = self.compute(model)
+        if metrics is not None:
+            metrics.update(results)
+        # Trainer.log appended the evaluation entry just before this event; extend that entry.
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and f"{self.prefix}_loss" in last:
+            last.update(results)
+        else:
+            state.log_history.append({**results, "step": state.global_step, "epoch": state.epoch})
+        if state.is_world_process_zero:
+            logger.info("retrieval at step %d: %s", state.global_step, results)
+
+
+__all__ = ["RetrievalEvalCallback"]

@@ -1,0 +1,6 @@
+"""Identifier builders (never copied into a checkpoint): what turns a corpus into an identifier table.
+
+    identifiers.py      build_identifiers and one builder per id_type, with typed options
+    quantizers.py       faiss k-means and residual quantizers, the torch RQ-VAE
+    text_vocabulary.py  train_text_tokenizer: a WordPiece vocabulary trained on captions
+"""
