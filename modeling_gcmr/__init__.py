@@ -13,16 +13,9 @@ from tokenization_gcmr.tokenization_gcmr import ImageIdTokenizer
 
 from .configuration_gcmr import GcmrConfig
 from .modeling_gcmr import GcmrForRetrieval, GcmrPreTrainedModel, GcmrSeq2SeqOutput
-from .pipeline_gcmr import (
-    PIPELINE_TASK,
-    GcmrRetrievalPipeline,
-    register_pipeline_in_config,
-    register_retrieval_pipeline,
-)
-from .prefix_trie_logits_processor import (
-    PrefixTrieLogitsProcessor,
-    constrained_retrieve,
-)
+from .pipeline_gcmr import PIPELINE_TASK, GcmrRetrievalPipeline, register_pipeline_in_config, register_retrieval_pipeline
+from .prefix_trie_logits_processor import PrefixTrieLogitsProcessor, constrained_generate
+from .query_inputs_gcmr import UnusableQueryWarning
 
 AutoConfig.register("gcmr", GcmrConfig, exist_ok=True)
 AutoModel.register(GcmrConfig, GcmrForRetrieval, exist_ok=True)
@@ -82,7 +75,8 @@ __all__ = [
     "GcmrSeq2SeqOutput",
     "PIPELINE_TASK",
     "PrefixTrieLogitsProcessor",
-    "constrained_retrieve",
+    "UnusableQueryWarning",
+    "constrained_generate",
     "register_pipeline_in_config",
     "register_retrieval_pipeline",
     *_LAZY_EXPORTS,

@@ -7,6 +7,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+FORMAT_VERSION = 2
+# Queries of an encoder without a position limit (T5's relative positions) are cut here: T5 was pretrained on
+# 512-token inputs, and a longer query only costs memory (a 21k-token query took 21 GB on CPU).
+DEFAULT_QUERY_TOKENS = 512
+
 
 @strict
 class GcmrConfig(PreTrainedConfig):
@@ -47,6 +52,45 @@ class GcmrConfig(PreTrainedConfig):
             `retrieve()` refuses a tokenizer with a different one.
         num_beams (`int`, *optional*, defaults to 10):
             Default beam width of constrained decoding (10 in GRACE).
+        identifier_head (`"identifier"`, `"text"` or `None`, *optional*):
+            How identifiers are scored; set by `set_identifier_vocabulary` from the id type. `"identifier"` (numeric,
+            structured, atomic, coarse_fine): an identifier's score is the sum over its steps of the dot product
+            between a query vector and the vector of the trie edge taken (see `identifier_head_gcmr.py`), decoded by
+            `trie_beam_search_gcmr`. `"text"` (string, semantic, and checkpoints of format 1): the LM head over the
+            whole vocabulary, decoded by `generate()` under `PrefixTrieLogitsProcessor`.
+        format_version (`int`, *optional*):
+            2 for models made by this version: images enter the decoder memory without passing the text encoder.
+            Checkpoints saved before (no `format_version`, an identifier signature set) are 1: images are
+            prepended to the text and encoded with it, and the text head scores identifiers.
+        identifier_dim (`int`, *optional*):
+            Width of the identifier space (query vectors and trie-edge vectors); set by `set_identifier_vocabulary`
+            from the image features it is given (else `image_embed_dim`, else the decoder width).
+        num_identifiers (`int`, *optional*, defaults to 0):
+            Identifiers the identifier head scores (rows of the identifier table); set by `set_identifier_vocabulary`.
+        num_identifier_edges (`int`, *optional*, defaults to 0):
+            Edges of the identifier trie, one vector each; set by `set_identifier_vocabulary`.
+        shared_query_space (`bool`, *optional*, defaults to `False`):
+            The text encoder already embeds queries in the space of the image features (a CLIP-style text tower with
+            its projection, or the sentence encoder the features come from): the query projection starts as the
+            identity, so that before any training step 0 of beam search is inner-product search over the identifiers.
+        query_pooling (`"mean"`, `"first"` or `"pooler"`, *optional*, defaults to `"mean"`):
+            How the text encoder's states become one query vector: the masked mean (sentence-transformers), the first
+            token (BERT's [CLS]) or the encoder's own `pooler_output` (CLIP's end-of-text state).
+        score_scale (`float`, *optional*, defaults to 20.0):
+            Initial inverse temperature of the identifier head's scores (learned).
+        prefix_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the per-depth prefix losses, which train the partial sums that beam search prunes with.
+        interpolation_prob (`float`, *optional*, defaults to 0.0):
+            Share of text queries replaced in training by GENIUS's query/target interpolation
+            `sqrt(s) q + sqrt(1 - s) p`, `s ~ Beta(2, 2)`, with `p` the target identifier's vector.
+        distill_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the distillation term from the dense teacher (stored image features against the query's own
+            pooled encoding); needs `stores_image_features` and `shared_query_space`.
+        stores_image_features (`bool`, *optional*, defaults to `False`):
+            The checkpoint keeps each image's feature vector (`store_image_features`), for `retrieve(rerank=...)`
+            and distillation; costs `identifier_dim` floats per image.
+        max_query_tokens (`int`, *optional*):
+            Queries are cut to this many tokens; default: the encoder's position limit, or 512 when it has none (T5).
         pad_token_id (`int`, *optional*):
             Padding id; taken from the text config when not given.
         eos_token_id (`int`, *optional*):
@@ -72,6 +116,19 @@ class GcmrConfig(PreTrainedConfig):
     max_identifier_length: int = 0
     identifier_signature: str | None = None
     num_beams: int = 10
+    identifier_head: Literal["identifier", "text"] | None = None
+    format_version: int | None = None
+    identifier_dim: int | None = None
+    num_identifiers: int = 0
+    num_identifier_edges: int = 0
+    shared_query_space: bool = False
+    query_pooling: Literal["mean", "first", "pooler"] = "mean"
+    score_scale: float | int = 20.0
+    prefix_loss_weight: float | int = 1.0
+    interpolation_prob: float | int = 0.0
+    distill_weight: float | int = 0.0
+    stores_image_features: bool = False
+    max_query_tokens: int | None = None
     pad_token_id: int | None = None
     eos_token_id: int | None = None
     decoder_start_token_id: int | None = None
@@ -80,6 +137,9 @@ class GcmrConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.format_version is None:
+            # Only checkpoints saved before format 2 existed carry a signature without a format version.
+            self.format_version = 1 if self.identifier_signature is not None else FORMAT_VERSION
         text = self.text_config
         decoder = self.get_text_config(decoder=True)
         if self.pad_token_id is None:
@@ -119,6 +179,16 @@ class GcmrConfig(PreTrainedConfig):
         limit = getattr(encoder, "max_position_embeddings", None) or getattr(encoder, "n_positions", None)
         return int(limit) if limit else None
 
+    @property
+    def query_token_limit(self) -> int:
+        """Tokens a query keeps: `max_query_tokens`, else the encoder's position limit, else `DEFAULT_QUERY_TOKENS`."""
+        return int(self.max_query_tokens or self.max_encoder_positions or DEFAULT_QUERY_TOKENS)
+
+    @property
+    def images_through_encoder(self) -> bool:
+        """Format 1 prepends image tokens to the text and encodes them together; format 2 skips the text encoder."""
+        return self.format_version == 1
+
     def validate_gcmr(self):
         """Part of `@strict` validation: choices and ranges the type hints do not enforce."""
         if self.projector not in ("linear", "mlp"):
@@ -133,6 +203,20 @@ class GcmrConfig(PreTrainedConfig):
             raise ValueError(f"`max_identifier_length` must be >= 0, got {self.max_identifier_length}")
         if self.num_beams < 1:
             raise ValueError(f"`num_beams` must be >= 1, got {self.num_beams}")
+        if self.format_version not in (1, FORMAT_VERSION):
+            raise ValueError(f"`format_version` must be 1 or {FORMAT_VERSION}, got {self.format_version}")
+        if self.identifier_head == "identifier" and self.format_version == 1:
+            raise ValueError("format 1 checkpoints score identifiers with the text head only")
+        for name in ("score_scale",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}")
+        for name in ("prefix_loss_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.interpolation_prob <= 1:
+            raise ValueError(f"`interpolation_prob` must be in [0, 1], got {self.interpolation_prob}")
+        if self.max_query_tokens is not None and self.max_query_tokens < 2:
+            raise ValueError(f"`max_query_tokens` must be >= 2 or None, got {self.max_query_tokens}")
         if self.image_embed_dim is not None and self.image_embed_dim < 1:
             raise ValueError(f"`image_embed_dim` must be >= 1 or None, got {self.image_embed_dim}")
         if self.fusion != "none" and self.decoder_hidden_size % self.fusion_num_heads:
@@ -152,4 +236,4 @@ def _first_int(*values) -> int | None:
     return None
 
 
-__all__ = ["GcmrConfig"]
+__all__ = ["DEFAULT_QUERY_TOKENS", "FORMAT_VERSION", "GcmrConfig"]

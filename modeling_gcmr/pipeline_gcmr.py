@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoModel, Pipeline
 
-from .prefix_trie_logits_processor import constrained_retrieve
+from .query_inputs_gcmr import check_positive_int, search_limits, tokenize_queries, validate_query_texts, warn_unusable
+from .retrieval_gcmr import check_rerank, search
 
 PIPELINE_TASK = "generative-image-retrieval"
 # How transformers names the implementation inside a checkpoint: "<module file>.<class>", resolved
@@ -38,11 +39,16 @@ class GcmrRetrievalPipeline(Pipeline):
     ``images={image_key: image}``, each result also carries ``"image"``.
 
     Call parameters (also accepted when the pipeline is built):
-        top_k (`int`, defaults to 10): how many images to return per query.
+        top_k (`int`, defaults to 10): how many images to return per query (capped at the corpus size).
         num_beams (`int`, *optional*): beam width of the trie-constrained search; defaults to the model's
             `config.num_beams`, and is raised to `top_k` when smaller.
+        rerank (`str`, *optional*): `"features"` or `"hybrid"` re-scores the beam with the stored image features
+            (as `model.retrieve(..., rerank=...)`); `rerank_weight` (`float`) weighs them in `"hybrid"`.
         images (`Mapping[str, Any]`, *optional*): an image lookup by key (PIL images, paths, ...); a key the
             lookup lacks gets `"image": None`.
+
+    Queries go through the same front door as `model.retrieve` (`query_inputs_gcmr`): the same validation and
+    truncation, and a query without a usable token gets no hits and an `UnusableQueryWarning`.
     """
 
     _load_tokenizer = True
@@ -60,23 +66,22 @@ class GcmrRetrievalPipeline(Pipeline):
             )
         # A tokenizer with another identifier vocabulary would decode keys of a different corpus.
         self.model.check_tokenizer(self.tokenizer)
-        self._key_index = {key: index for index, key in enumerate(self.tokenizer.identifier_table.keys)}
 
     def _sanitize_parameters(self, top_k: int | None = None, num_beams: int | None = None,
-                             images: Mapping[str, Any] | None = None, **kwargs):
+                             images: Mapping[str, Any] | None = None, rerank: str | None = None,
+                             rerank_weight: float = 1.0, **kwargs):
         if kwargs:
             raise TypeError(f"GcmrRetrievalPipeline got unexpected parameters {sorted(kwargs)}; "
-                            "it takes top_k, num_beams and images")
+                            "it takes top_k, num_beams, rerank, rerank_weight and images")
         forward_params: dict[str, Any] = {}
         postprocess_params: dict[str, Any] = {}
         if top_k is not None:
-            if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-                raise ValueError(f"top_k must be a positive int, got {top_k!r}")
-            forward_params["top_k"] = top_k
+            forward_params["top_k"] = check_positive_int("top_k", top_k)
         if num_beams is not None:
-            if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-                raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
-            forward_params["num_beams"] = num_beams
+            forward_params["num_beams"] = check_positive_int("num_beams", num_beams)
+        if rerank is not None:
+            check_rerank(self.model, rerank, rerank_weight)
+            forward_params.update(rerank=rerank, rerank_weight=rerank_weight)
         if images is not None:
             if not isinstance(images, Mapping):
                 raise TypeError(f"images must be a mapping from image key to image, got {type(images).__name__}")
@@ -87,34 +92,34 @@ class GcmrRetrievalPipeline(Pipeline):
         """Retrieve images for one query (a list of hit dicts) or for a list of queries (a list of such lists)."""
         if isinstance(inputs, tuple):
             inputs = list(inputs)
-        if isinstance(inputs, list) and not inputs:
-            raise ValueError("GcmrRetrievalPipeline got an empty list of queries")
+        if isinstance(inputs, list):
+            validate_query_texts(inputs)
         return super().__call__(inputs, **kwargs)
 
     def preprocess(self, query: str) -> dict[str, torch.Tensor]:
-        if not isinstance(query, str):
-            raise ValueError(f"a query must be a non-empty string, got {type(query).__name__}: {query!r:.80}")
-        if not query.strip():
-            raise ValueError("a query must be a non-empty string, got an empty or whitespace-only one")
-        encoded = self.tokenizer([query], truncation=True, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        (query,) = validate_query_texts([query])
+        inputs, (usable,) = tokenize_queries(self.tokenizer, [query], self.model.config.query_token_limit)
+        warn_unusable([query], [usable])
+        return {**inputs, "usable": torch.tensor([usable])}
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], top_k: int = 10,
-                 num_beams: int | None = None) -> dict[str, torch.Tensor]:
-        hits = constrained_retrieve(self.model, self.tokenizer, model_inputs, top_k=top_k, num_beams=num_beams)
-        # Tensors, not lists, so the pipeline's batch unrolling slices every query the same way.
-        width = max(1, max(len(row) for row in hits))
-        key_indices = torch.full((len(hits), width), -1, dtype=torch.long)
-        scores = torch.full((len(hits), width), float("nan"))
-        for row, row_hits in enumerate(hits):
-            for column, (key, score) in enumerate(row_hits):
-                key_indices[row, column] = self._key_index[key]
+    def _forward(self, model_inputs: dict[str, torch.Tensor], top_k: int = 10, num_beams: int | None = None,
+                 rerank: str | None = None, rerank_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        usable = model_inputs.pop("usable").tolist()
+        top_k, num_beams = search_limits(top_k, num_beams, self.model.config.num_beams,
+                                         self.tokenizer.prefix_trie.num_identifiers)
+        hits = search(self.model, self.tokenizer, model_inputs, top_k, num_beams, rerank, rerank_weight)
+        # Tensors of key indices, not lists, so the pipeline's batch unrolling slices every query the same way.
+        key_indices = torch.full((len(hits), top_k), -1, dtype=torch.long)
+        scores = torch.full((len(hits), top_k), float("nan"))
+        for row, (row_hits, ok) in enumerate(zip(hits, usable)):
+            for column, (key_index, score) in enumerate(row_hits if ok else []):
+                key_indices[row, column] = key_index
                 scores[row, column] = score
         return {"key_indices": key_indices, "scores": scores}
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor],
                     images: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-        keys = self.tokenizer.identifier_table.keys
+        keys = self.tokenizer.keys
         results = []
         for key_index, score in zip(model_outputs["key_indices"][0].tolist(), model_outputs["scores"][0].tolist()):
             if key_index < 0:

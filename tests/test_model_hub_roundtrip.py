@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from subprocess_utils import run_without_package
@@ -62,7 +63,14 @@ def test_remote_code_checkpoint_gives_the_same_retrieve_results(tmp_path, make_i
         cwd=str(tmp_path),
     )
     assert after.pop("module").startswith("transformers_modules")
-    assert after == _as_json(before)
+    # Keys exactly; scores within a tolerance: memory-mapped weights are not 64-byte aligned like fresh ones, so
+    # CPU kernels may take another path and differ in the last float digits.
+    expected = _as_json(before)
+    assert after.keys() == expected.keys()
+    for name, rows in expected.items():
+        assert [[key for key, _ in hits] for hits in after[name]] == [[key for key, _ in hits] for hits in rows], name
+        for got, want in zip(after[name], rows):
+            np.testing.assert_allclose([score for _, score in got], [score for _, score in want], rtol=1e-5, atol=1e-4)
 
 
 def test_mismatched_identifier_vocabulary_is_refused(make_id_tokenizer, text_tokenizer):
@@ -74,7 +82,7 @@ def test_mismatched_identifier_vocabulary_is_refused(make_id_tokenizer, text_tok
         model.retrieve(QUERIES, other)
     bigger = id_tokenizer(make_id_tokenizer, num_keys=40)
     model.config.identifier_signature = None  # a model that never recorded one still checks the size
-    with pytest.raises(ValueError, match=f"tokenizer has {len(bigger)} tokens.*{len(tokenizer)} rows"):
+    with pytest.raises(ValueError, match="tokenizer has 40 identifiers, the model's identifier head 10"):
         model.retrieve(QUERIES, bigger)
     with pytest.raises(ValueError, match="no identifier vocabulary"):
         model.retrieve(QUERIES, text_tokenizer)
@@ -124,7 +132,7 @@ def test_retrieve_truncates_queries_the_encoder_cannot_take_and_says_so_once(mak
     with caplog.at_level("WARNING"):
         hits = model.retrieve([long_query, QUERIES[0]], tokenizer, top_k=2, num_beams=2)
         model.retrieve([long_query], tokenizer, top_k=2, num_beams=2)
-    warnings = [record for record in caplog.records if "truncated" in record.getMessage()]
+    warnings = [record for record in caplog.records if "are cut to" in record.getMessage()]
     assert len(warnings) == 1 and "32 tokens" in warnings[0].getMessage()
     assert all(key in tokenizer.keys for query_hits in hits for key, _ in query_hits)
     # what the encoder saw is the query cut to its first 32 tokens

@@ -284,36 +284,76 @@ def retriever(tokenizer, seed: int = 0, **kwargs) -> GcmrForRetrieval:
     return model.eval()
 
 
-def test_set_identifier_vocabulary_resizes_and_records(make_id_tokenizer):
+def semantic_tokenizer(make_id_tokenizer, text_tokenizer, num_keys: int = 10):
+    """Identifiers spelled with text pieces: the text head keeps scoring them."""
+    from conftest import synthetic_captions
+    from tokenization_gcmr import build_identifiers
+
+    keys = [f"img{i}" for i in range(num_keys)]
+    table = build_identifiers(keys, "semantic", captions=synthetic_captions(num_keys, seed=4), seed=0,
+                              text_tokenizer=text_tokenizer)
+    return make_id_tokenizer(table)
+
+
+@pytest.mark.parametrize("backbone", ["t5", "encoder_decoder"])
+def test_identifier_head_takes_the_tries_paths_and_records_the_vocabulary(make_id_tokenizer, backbone):
     tokenizer = id_tokenizer(make_id_tokenizer)
+    model = _text_vocab_model(tokenizer, backbone=backbone)
+    model.set_identifier_vocabulary(tokenizer)
+    head, trie = model.identifier_head, tokenizer.prefix_trie
+    assert model.config.identifier_head == "identifier"
+    assert (model.config.num_identifiers, model.config.num_identifier_edges) == (len(tokenizer.keys), trie.num_edges)
+    np.testing.assert_array_equal(head.paths.numpy(), trie.paths(tokenizer.identifier_token_rows))
+    np.testing.assert_array_equal(head.token_rows.numpy(), tokenizer.identifier_token_rows)
+    assert head.edge_vectors.shape == (trie.num_edges, model.config.identifier_dim)
+    # the encoder reads text only: its vocabulary is not grown by the identifier tokens
+    assert model.get_input_embeddings().weight.shape[0] == tokenizer.num_text_tokens
+    assert model.config.identifier_signature == tokenizer.identifier_signature
+    assert model.config.max_identifier_length == tokenizer.max_identifier_length
+    assert type(model.config.max_identifier_length) is int
+
+
+def test_text_head_resizes_every_token_matrix(make_id_tokenizer, text_tokenizer):
+    tokenizer = semantic_tokenizer(make_id_tokenizer, text_tokenizer)
     for backbone in ("t5", "encoder_decoder"):
         model = _text_vocab_model(tokenizer, backbone=backbone)
         model.set_identifier_vocabulary(tokenizer)
+        assert model.config.identifier_head == "text" and model.identifier_head is None
         assert model.vocab_size == len(tokenizer)
         assert all(w.shape[0] == len(tokenizer) for w in model.token_embedding_weights())
-        assert model.config.identifier_signature == tokenizer.identifier_signature
-        assert model.config.max_identifier_length == tokenizer.max_identifier_length
-        assert type(model.config.max_identifier_length) is int
+        with pytest.raises(ValueError, match="spelled with text tokens"):
+            model.set_identifier_vocabulary(tokenizer, init="dense")
 
 
-def test_unit_vector_init_is_deterministic_and_scaled(make_id_tokenizer):
+def test_dense_init_makes_every_path_sum_to_its_feature(make_id_tokenizer):
     tokenizer = id_tokenizer(make_id_tokenizer)
-    table = tokenizer.identifier_table
+    features = np.random.default_rng(3).normal(size=(len(tokenizer.keys), EMBED_DIM)).astype(np.float32)
+    model = _text_vocab_model(tokenizer)
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    head = model.identifier_head
+    paths = head.paths.long()
+    summed = (head.edge_vectors[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(1)
+    torch.testing.assert_close(summed, torch.as_tensor(features), atol=1e-5, rtol=1e-5)
+    # the first step's vectors are the means of the images below them (the coarse centroids' role)
+    first = paths[:, 0]
+    for edge in first.unique().tolist():
+        torch.testing.assert_close(head.edge_vectors[edge], torch.as_tensor(features)[first == edge].mean(0))
+    with pytest.raises(ValueError, match=r"one row per key of the tokenizer: shape \(10, D\)"):
+        model.set_identifier_vocabulary(tokenizer, image_embeds=features[:3])
+    bad = features.copy()
+    bad[4, 0] = np.nan
+    with pytest.raises(ValueError, match="image_embeds row 4 holds NaN"):
+        model.set_identifier_vocabulary(tokenizer, image_embeds=bad)
+
+
+def test_unit_vector_init_is_deterministic(make_id_tokenizer):
+    tokenizer = id_tokenizer(make_id_tokenizer)
     first, second = _text_vocab_model(tokenizer, seed=0), _text_vocab_model(tokenizer, seed=1)
     first.set_identifier_vocabulary(tokenizer, init="unit_vectors")
     second.set_identifier_vocabulary(tokenizer, init="unit_vectors")
-    usable = [u for u, text, vec in zip(table.units, table.unit_is_text, table.unit_vectors)
-              if not text and np.isfinite(vec).all()]
-    ids = tokenizer.convert_tokens_to_ids(usable)
-    weight_a, weight_b = first.get_input_embeddings().weight.detach(), second.get_input_embeddings().weight.detach()
-    # the rows come from the unit vectors and a seeded projection, not from the model's random state
-    def standardised(rows):
-        return (rows - rows.mean()) / rows.std()
-
-    torch.testing.assert_close(standardised(weight_a[ids]), standardised(weight_b[ids]))
-    text_rows = weight_a[: tokenizer.num_text_tokens]
-    assert weight_a[ids].std() == pytest.approx(text_rows.std().item(), rel=1e-3)
-    assert torch.isfinite(weight_a).all()
+    # the vectors come from the table's unit vectors, not from the model's random state
+    torch.testing.assert_close(first.identifier_head.edge_vectors, second.identifier_head.edge_vectors)
+    assert first.identifier_head.edge_vectors.abs().sum() > 0
 
 
 def test_unit_vector_init_needs_unit_vectors(make_id_tokenizer):
@@ -325,19 +365,26 @@ def test_unit_vector_init_needs_unit_vectors(make_id_tokenizer):
         _text_vocab_model(tokenizer).set_identifier_vocabulary(tokenizer, init="unit_vectors")
 
 
-def test_gradient_reaches_identifier_token_embeddings(make_id_tokenizer):
+@pytest.mark.parametrize("backbone", ["t5", "encoder_decoder"])
+def test_gradient_reaches_the_gold_edges_and_the_decoder(make_id_tokenizer, backbone):
     tokenizer = id_tokenizer(make_id_tokenizer)
-    for backbone in ("t5", "encoder_decoder"):
-        model = _text_vocab_model(tokenizer, backbone=backbone).train()
-        model.set_identifier_vocabulary(tokenizer)
-        labels = torch.tensor(tokenizer.encode_identifiers(["img3", "img7"]))
-        inputs = tokenizer(["a red circle", "a big star"], padding=True, return_tensors="pt")
-        model(**inputs, labels=labels).loss.backward()
-        new_ids = sorted(set(labels.flatten().tolist()) - set(range(tokenizer.num_text_tokens)))
-        # identifiers are decoder-side tokens: the decoder's input embeddings and the LM head must learn them
-        decoder_embeddings = model.backbone.get_decoder().get_input_embeddings()
-        for weight in (model.get_output_embeddings().weight, decoder_embeddings.weight):
-            assert weight.grad[new_ids].abs().sum(-1).gt(0).all()
+    model = _text_vocab_model(tokenizer, backbone=backbone).train()
+    model.set_identifier_vocabulary(tokenizer)
+    labels = torch.tensor(tokenizer.encode_identifiers(["img3", "img7"]))
+    inputs = tokenizer(["a red circle", "a big star"], padding=True, return_tensors="pt")
+    head = model.identifier_head
+    model(**inputs, labels=labels).loss.backward()
+    gold_edges = head.paths[[3, 7]].long()
+    assert head.edge_vectors.grad[gold_edges[gold_edges >= 0]].abs().sum(-1).gt(0).all()
+    # The step correction starts at zero (step 0 is dense search), so only it learns in the first step ...
+    assert head.step_query.weight.grad.abs().sum() > 0
+    # ... and once it is not zero, the decoder's layers learn too.
+    model.zero_grad()
+    torch.nn.init.normal_(head.step_query.weight, std=0.1)
+    model(**inputs, labels=labels).loss.backward()
+    decoder = model.backbone.decoder
+    layers = [p for name, p in decoder.named_parameters() if "embed" not in name and "lm_head" not in name]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layers)
 
 
 # --------------------------------------------------------------------------------------------- save, load, registry
@@ -396,7 +443,7 @@ def test_bad_image_inputs_are_rejected():
         model(**batch, image_embeds=torch.zeros(3, EMBED_DIM + 1))
     with pytest.raises(ValueError, match="image_mask must have shape"):
         model(**batch, image_embeds=torch.zeros(3, EMBED_DIM), image_mask=torch.ones(2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="2 images for 3 text rows"):
+    with pytest.raises(ValueError, match=r"disagree on the batch size \(\[2, 3\]\)"):
         model(**batch, image_embeds=torch.zeros(2, EMBED_DIM))
     with pytest.raises(ValueError, match="not both"):
         tester.model()(**batch, image_embeds=torch.zeros(3, EMBED_DIM),

@@ -70,10 +70,10 @@ def test_pipeline_attaches_images_from_a_lookup(retriever, corpus):
 @pytest.mark.parametrize(
     "query, error, message",
     [
-        (42, ValueError, "non-empty string, got int"),
-        ("   ", ValueError, "empty or whitespace-only"),
-        ([], ValueError, "empty list of queries"),
-        (["fine", None], ValueError, "got NoneType"),
+        (42, TypeError, "queries must be strings; item 0 is int"),
+        ("   ", ValueError, "must not be empty or whitespace"),
+        ([], ValueError, "no queries given"),
+        (["fine", None], TypeError, "item 1 is NoneType"),
     ],
 )
 def test_pipeline_rejects_bad_queries(pipe, query, error, message):

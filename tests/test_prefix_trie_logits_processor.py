@@ -94,7 +94,7 @@ def finite_columns(row):
 def test_allowed_tokens_are_exactly_the_trie_children(shape):
     rows = ID_SHAPES[shape]()
     trie = make_trie(rows)
-    processor = PrefixTrieLogitsProcessor(trie.arrays(), num_skip_tokens=1, pad_token_id=PAD)
+    processor = PrefixTrieLogitsProcessor(trie, num_skip_tokens=1, pad_token_id=PAD)
     # Every proper prefix of every identifier, plus each complete identifier (EOS must be allowed there).
     prefixes = sorted({tuple(row[:cut]) for row in rows for cut in range(len(row) + 1)})
     width = max(map(len, prefixes))
@@ -111,7 +111,7 @@ def test_allowed_tokens_are_exactly_the_trie_children(shape):
 
 def test_dead_rows_allow_only_eos_and_pad_and_stay_finite():
     rows = semantic_ids()
-    processor = PrefixTrieLogitsProcessor(make_trie(rows).arrays(), num_skip_tokens=1, pad_token_id=PAD)
+    processor = PrefixTrieLogitsProcessor(make_trie(rows), num_skip_tokens=1, pad_token_id=PAD)
     input_ids = torch.tensor([
         [PAD, 5, 6, EOS, PAD],    # finished (greedy pads it)
         [PAD, 12, 13, 14, 15],    # off the trie from the first token
@@ -130,7 +130,7 @@ def test_dead_rows_allow_only_eos_and_pad_and_stay_finite():
 def test_row_whose_allowed_tokens_are_all_minus_inf_does_not_escape(dtype, threshold):
     rows = structured_ids()
     trie = make_trie(rows)
-    processor = PrefixTrieLogitsProcessor(trie.arrays(), num_skip_tokens=1, pad_token_id=PAD)
+    processor = PrefixTrieLogitsProcessor(trie, num_skip_tokens=1, pad_token_id=PAD)
     processor.dense_threshold = threshold
     input_ids = torch.tensor([[PAD], [PAD], [PAD]])
     allowed = trie.allowed([]).tolist()
@@ -149,10 +149,10 @@ def test_row_whose_allowed_tokens_are_all_minus_inf_does_not_escape(dtype, thres
 def test_beam_search_stays_in_trie_when_another_processor_bans_every_allowed_first_token(model):
     rows = structured_ids()
     trie = make_trie(rows)
-    processor = PrefixTrieLogitsProcessor(trie.arrays(), num_skip_tokens=1, pad_token_id=PAD)
+    processor = PrefixTrieLogitsProcessor(trie, num_skip_tokens=1, pad_token_id=PAD)
     # suppress_tokens runs before our processor and sets every allowed first token to -inf.
     out = generate(model, queries(3), 4, processor, suppress_tokens=trie.allowed([]).tolist())
-    assert (processor.key_indices(out) >= 0).all()
+    assert (processor.trie.lookup(out[:, 1:]) >= 0).all()
 
 
 @pytest.mark.parametrize("shape", list(ID_SHAPES))
@@ -160,11 +160,11 @@ def test_beam_search_stays_in_trie_when_another_processor_bans_every_allowed_fir
 @pytest.mark.parametrize("batch_size", [1, 5])
 def test_generate_returns_only_identifiers_and_matches_the_dict_trie_baseline(model, shape, num_beams, batch_size):
     rows = ID_SHAPES[shape]()
-    processor = PrefixTrieLogitsProcessor(make_trie(rows).arrays(), num_skip_tokens=1, pad_token_id=PAD,
+    processor = PrefixTrieLogitsProcessor(make_trie(rows), num_skip_tokens=1, pad_token_id=PAD,
                                           inplace=num_beams > 1)
     inputs = queries(batch_size, seed=batch_size)
     ours = generate(model, inputs, num_beams, processor)
-    keys = processor.key_indices(ours)
+    keys = processor.trie.lookup(ours[:, 1:])
     assert (keys >= 0).all(), ours
     for sequence, key in zip(ours.tolist(), keys.tolist()):
         assert sequence[1 : 1 + len(rows[key]) + 1] == rows[key] + [EOS]
@@ -183,7 +183,7 @@ def test_dense_sparse_and_inplace_variants_agree():
     outputs = []
     for threshold in (1.0, 0.0):
         for inplace in (False, True):
-            processor = PrefixTrieLogitsProcessor(trie.arrays(), 1, PAD, inplace=inplace)
+            processor = PrefixTrieLogitsProcessor(trie, 1, PAD, inplace=inplace)
             processor.dense_threshold = threshold
             given = scores.clone()
             outputs.append(processor(input_ids, given))
@@ -192,29 +192,12 @@ def test_dense_sparse_and_inplace_variants_agree():
         assert torch.equal(outputs[0], other)
 
 
-def test_key_indices_accepts_padding_after_eos_and_rejects_the_rest():
-    rows = semantic_ids()
-    processor = PrefixTrieLogitsProcessor(make_trie(rows).arrays(), num_skip_tokens=1, pad_token_id=PAD)
-    sequences = torch.tensor([
-        [PAD, 5, 6, EOS, PAD, PAD],   # [5, 6]
-        [PAD, 5, EOS, EOS, EOS, EOS],  # [5], beam search pads with EOS
-        [PAD, 8, 9, 10, 11, EOS],     # [8, 9, 10, 11]
-        [PAD, 5, 6, 7, 8, EOS],       # not an identifier
-        [PAD, 5, 6, PAD, PAD, PAD],   # no EOS: incomplete
-        [PAD, 5, EOS, 6, EOS, PAD],   # junk after EOS
-    ])
-    assert processor.key_indices(sequences).tolist() == [1, 0, 7, -1, -1, -1]
-
-
-def test_bad_trie_arrays_and_scores_raise_clear_errors():
-    arrays = make_trie(semantic_ids()).arrays()
-    with pytest.raises(KeyError, match="child_nodes"):
-        PrefixTrieLogitsProcessor({k: v for k, v in arrays.items() if k != "child_nodes"})
-    shuffled = dict(arrays, child_tokens=arrays["child_tokens"][::-1].copy())
-    with pytest.raises(ValueError, match="sorted"):
-        PrefixTrieLogitsProcessor(shuffled)
-    torch_arrays = {key: torch.as_tensor(value) for key, value in arrays.items()}
-    processor = PrefixTrieLogitsProcessor(torch_arrays)
+def test_bad_tries_and_scores_raise_clear_errors():
+    with pytest.raises(TypeError, match="tokenizer.prefix_trie"):
+        PrefixTrieLogitsProcessor(make_trie(semantic_ids()).arrays())
+    with pytest.raises(ValueError, match="pad_token_id=99 is outside"):
+        PrefixTrieLogitsProcessor(make_trie(semantic_ids()), pad_token_id=99)
+    processor = PrefixTrieLogitsProcessor(make_trie(semantic_ids()))
     with pytest.raises(ValueError, match="vocab_size=70"):
         processor(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, VOCAB - 1))
 
@@ -222,7 +205,7 @@ def test_bad_trie_arrays_and_scores_raise_clear_errors():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     rows = structured_ids() + semantic_ids()
-    processor = PrefixTrieLogitsProcessor(make_trie(rows).arrays(), 1, PAD)
+    processor = PrefixTrieLogitsProcessor(make_trie(rows), 1, PAD)
     input_ids = torch.tensor([[PAD, *row[:2]] + [PAD] * (2 - len(row[:2])) for row in rows])
     scores = torch.randn(len(rows), VOCAB)
     for dtype in (torch.float32, torch.float16):

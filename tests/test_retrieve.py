@@ -1,50 +1,59 @@
-"""constrained_retrieve: valid, duplicate-free, best-first hits whose scores are real log-probabilities."""
+"""Search: valid, duplicate-free, best-first hits whose scores are the model's own identifier scores.
+
+The identifier head (trie beam search over summed dot products) and the text head (generate() under the trie,
+log-probabilities) are both checked against teacher-forced scores of the same model, and against exhaustive search.
+"""
 import numpy as np
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.testing_utils import CaptureLogger
 
-from modeling_gcmr import prefix_trie_logits_processor
-from modeling_gcmr.prefix_trie_logits_processor import constrained_retrieve
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval, query_inputs_gcmr
+from modeling_gcmr.prefix_trie_logits_processor import constrained_generate
+from modeling_gcmr.retrieval_gcmr import search
+from modeling_gcmr.trie_beam_search_gcmr import trie_beam_search
 from tokenization_gcmr import build_identifiers
 from tokenization_gcmr.tokenization_gcmr import ImageIdTokenizer
 
 NUM_IMAGES = 60
+EMBED_DIM = 8
 ID_TYPE_OPTIONS = {
     "atomic": {},
     "structured": {"branching": 3, "leaf_size": 5},
     "semantic": {"text_tokenizer": True, "max_length": 3},  # text pieces, variable length
     "coarse_fine": {"num_coarse": 3, "num_levels": 2, "codebook_size": 4},
+    "numeric": {},
 }
+HEAD_TYPES = ["atomic", "structured", "coarse_fine", "numeric"]
+
+
+def embeddings(count=NUM_IMAGES):
+    values = np.random.default_rng(0).normal(size=(count, EMBED_DIM)).astype(np.float32)
+    return values / np.linalg.norm(values, axis=1, keepdims=True)
 
 
 def make_tokenizer(text_tokenizer, captions, id_type, count=NUM_IMAGES):
     keys = [f"img_{index:03d}" for index in range(count)]
-    embeddings = np.random.default_rng(0).normal(size=(count, 8)).astype(np.float32)
     options = dict(ID_TYPE_OPTIONS[id_type])
     if options.pop("text_tokenizer", False):
         options["text_tokenizer"] = text_tokenizer
-    table = build_identifiers(keys, id_type=id_type, embeddings=embeddings, captions=captions[:count], seed=0,
+    table = build_identifiers(keys, id_type=id_type, embeddings=embeddings(count), captions=captions[:count], seed=0,
                               **options)
     return ImageIdTokenizer(text_tokenizer, table)
 
 
-def make_model(tokenizer, seed=0):
+def make_model(tokenizer, seed=0, trained_decoder=True):
+    """A tiny GCMR model fitted to `tokenizer`; with `trained_decoder`, the step correction is non-zero (as after
+    training), so the decoder matters to every score."""
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
-                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-    return T5ForConditionalGeneration(config).eval()
-
-
-@pytest.fixture(scope="module")
-def setups(text_tokenizer, caption_corpus):
-    built = {}
-    for id_type in ID_TYPE_OPTIONS:
-        tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type)
-        built[id_type] = (tokenizer, make_model(tokenizer))
-    return built
+    text_config = T5Config(vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=8, num_layers=2,
+                           num_heads=2, decoder_start_token_id=0)
+    model = GcmrForRetrieval(GcmrConfig(text_config=text_config, image_embed_dim=EMBED_DIM, num_beams=5))
+    model.set_identifier_vocabulary(tokenizer, image_embeds=embeddings(len(tokenizer.keys)))
+    if trained_decoder and model.identifier_head is not None:
+        torch.nn.init.normal_(model.identifier_head.step_query.weight, std=0.3)
+    return model.eval()
 
 
 def random_queries(tokenizer, count, seed):
@@ -56,6 +65,89 @@ def random_queries(tokenizer, count, seed):
     return {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask}
 
 
+@pytest.fixture(scope="module")
+def setups(text_tokenizer, caption_corpus):
+    return {id_type: (lambda tok: (tok, make_model(tok)))(make_tokenizer(text_tokenizer, caption_corpus, id_type))
+            for id_type in HEAD_TYPES}
+
+
+def teacher_forced_score(model, tokenizer, inputs, row, key):
+    """The identifier head's score of `key` for query `row`: forward with that identifier as the label."""
+    labels = torch.tensor([tokenizer.identifier_ids(key) + [tokenizer.eos_token_id]])
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"][row : row + 1],
+                       attention_mask=inputs["attention_mask"][row : row + 1], labels=labels).logits
+    return logits[0, tokenizer.keys.index(key)].item()
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_random_queries_give_valid_unique_sorted_hits(setups, id_type):
+    tokenizer, model = setups[id_type]
+    real_keys = set(tokenizer.keys)
+    encoded = model.encode(**random_queries(tokenizer, 500, seed=1))
+    hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=5, top_k=5)
+    assert len(hits) == 500
+    for row in hits:
+        keys = [tokenizer.keys[index] for index, _ in row]
+        scores = [score for _, score in row]
+        assert len(keys) == 5 and set(keys) <= real_keys and len(set(keys)) == 5
+        assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_score_is_the_teacher_forced_sum_of_step_scores(setups, id_type):
+    tokenizer, model = setups[id_type]
+    inputs = random_queries(tokenizer, 4, seed=7)
+    for row, row_hits in enumerate(search(model, tokenizer, inputs, top_k=3, num_beams=5)):
+        for index, score in row_hits:
+            expected = teacher_forced_score(model, tokenizer, inputs, row, tokenizer.keys[index])
+            assert score == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("id_type", ["structured", "coarse_fine", "numeric"])
+def test_enough_beams_make_the_search_exhaustive(text_tokenizer, caption_corpus, id_type):
+    # With as many beams as identifiers nothing is pruned: the hits are every key, ranked by its exact score.
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type, count=12)
+    model = make_model(tokenizer, seed=3)
+    inputs = random_queries(tokenizer, 3, seed=1)
+    hits = trie_beam_search(model, tokenizer.prefix_trie, model.encode(**inputs), num_beams=12, top_k=12)
+    for row, row_hits in enumerate(hits):
+        exact = sorted(((teacher_forced_score(model, tokenizer, inputs, row, key), key) for key in tokenizer.keys),
+                       reverse=True)
+        assert [tokenizer.keys[index] for index, _ in row_hits] == [key for _, key in exact]
+        np.testing.assert_allclose([score for _, score in row_hits], [score for score, _ in exact], atol=1e-3)
+
+
+def test_step_zero_of_atomic_identifiers_is_exact_inner_product_search(text_tokenizer, caption_corpus):
+    # Dense-aware initialisation: before training, an image query's hits are brute-force inner-product search.
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "atomic", count=40)
+    model = make_model(tokenizer, trained_decoder=False)
+    features = torch.as_tensor(embeddings(40))
+    queries = torch.nn.functional.normalize(torch.randn(25, EMBED_DIM, generator=torch.Generator().manual_seed(2)), dim=-1)
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=10, num_beams=10)
+    brute = torch.topk(queries @ features.T, 10)
+    for row, row_hits in enumerate(hits):
+        assert [tokenizer.keys.index(key) for key, _ in row_hits] == brute.indices[row].tolist()
+        scale = model.identifier_head.scale.item()
+        np.testing.assert_allclose([score for _, score in row_hits], scale * brute.values[row].numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("id_type", ["structured", "coarse_fine"])
+def test_memorized_images_are_found_by_their_own_feature_before_training(text_tokenizer, caption_corpus, id_type):
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type)
+    model = make_model(tokenizer, trained_decoder=False)
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=torch.as_tensor(embeddings()), top_k=1)
+    assert [row[0][0] for row in hits] == list(tokenizer.keys)
+
+
+def text_head_model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
+                      decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    return T5ForConditionalGeneration(config).eval()
+
+
 def teacher_forced_log_prob(model, tokenizer, inputs, row, key):
     labels = torch.tensor([tokenizer.identifier_ids(key) + [tokenizer.eos_token_id]])
     with torch.no_grad():
@@ -64,95 +156,60 @@ def teacher_forced_log_prob(model, tokenizer, inputs, row, key):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).sum().item()
 
 
-@pytest.mark.parametrize("id_type", list(ID_TYPE_OPTIONS))
-def test_random_queries_give_valid_unique_sorted_hits(setups, id_type):
-    # 500 random queries per id type, 2000 in all.
-    tokenizer, model = setups[id_type]
-    real_keys = set(tokenizer.keys)
-    for batch in range(2):
-        inputs = random_queries(tokenizer, 250, seed=batch)
-        hits = constrained_retrieve(model, tokenizer, inputs, top_k=5, num_beams=5)
-        assert len(hits) == 250
-        for row in hits:
-            keys = [key for key, _ in row]
-            scores = [score for _, score in row]
-            assert len(keys) == 5
-            assert set(keys) <= real_keys
-            assert len(set(keys)) == len(keys)
-            assert scores == sorted(scores, reverse=True)
-            assert all(np.isfinite(scores)) and max(scores) <= 0.0
-
-
 @pytest.mark.parametrize("id_type", ["structured", "semantic"])
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_score_is_the_teacher_forced_log_probability_of_identifier_and_eos(setups, id_type, num_beams):
-    tokenizer, model = setups[id_type]
+def test_text_head_score_is_the_log_probability_of_identifier_and_eos(text_tokenizer, caption_corpus, id_type,
+                                                                     num_beams):
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type)
+    model = text_head_model(tokenizer)
     inputs = random_queries(tokenizer, 6, seed=7)
-    hits = constrained_retrieve(model, tokenizer, inputs, top_k=num_beams, num_beams=num_beams)
+    hits = constrained_generate(model, tokenizer, inputs, top_k=num_beams, num_beams=num_beams)
     for row, row_hits in enumerate(hits):
-        assert len(row_hits) == num_beams
-        for key, score in row_hits:
-            assert score == pytest.approx(teacher_forced_log_prob(model, tokenizer, inputs, row, key), abs=1e-4)
+        assert len(row_hits) == num_beams and len({key for key, _ in row_hits}) == num_beams
+        for key_index, score in row_hits:
+            expected = teacher_forced_log_prob(model, tokenizer, inputs, row, tokenizer.keys[key_index])
+            assert score == pytest.approx(expected, abs=1e-4) and score <= 0.0
 
 
-def test_beam_search_finds_the_best_identifier_of_a_small_corpus(text_tokenizer, caption_corpus):
-    # With as many beams as identifiers the search is exhaustive: hits are every key, ranked by log-prob.
+def test_text_head_beam_search_finds_the_best_identifier_of_a_small_corpus(text_tokenizer, caption_corpus):
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "semantic", count=6)
-    model = make_model(tokenizer, seed=3)
+    model = text_head_model(tokenizer, seed=3)
     inputs = random_queries(tokenizer, 3, seed=1)
-    hits = constrained_retrieve(model, tokenizer, inputs, top_k=6, num_beams=12)
+    hits = constrained_generate(model, tokenizer, inputs, top_k=6, num_beams=12)
     for row, row_hits in enumerate(hits):
         exact = sorted(((teacher_forced_log_prob(model, tokenizer, inputs, row, key), key) for key in tokenizer.keys),
                        reverse=True)
-        assert [key for key, _ in row_hits] == [key for _, key in exact]
+        assert [tokenizer.keys[index] for index, _ in row_hits] == [key for _, key in exact]
 
 
-def test_fewer_identifiers_than_beams_returns_each_once(text_tokenizer, caption_corpus):
+def test_top_k_and_beams_are_capped_at_the_identifiers(text_tokenizer, caption_corpus):
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "atomic", count=4)
     model = make_model(tokenizer)
-    hits = constrained_retrieve(model, tokenizer, random_queries(tokenizer, 5, seed=2), top_k=8, num_beams=8)
-    for row in hits:
+    for row in model.retrieve(["a red circle", "a blue square"], tokenizer, top_k=10**9, num_beams=10**6):
         assert sorted(key for key, _ in row) == sorted(tokenizer.keys)
 
 
 def test_top_k_above_num_beams_raises_the_beams_and_warns_once(setups):
     tokenizer, model = setups["coarse_fine"]
-    inputs = random_queries(tokenizer, 3, seed=4)
-    logger = prefix_trie_logits_processor.logger
-    with CaptureLogger(logger) as captured:
-        hits = constrained_retrieve(model, tokenizer, inputs, top_k=7, num_beams=3)
-        constrained_retrieve(model, tokenizer, inputs, top_k=7, num_beams=3)
+    with CaptureLogger(query_inputs_gcmr.logger) as captured:
+        hits = model.retrieve(["a red circle", "a big star"], tokenizer, top_k=7, num_beams=3)
+        model.retrieve(["a red circle"], tokenizer, top_k=7, num_beams=3)
     assert captured.out.count("raising num_beams to 7") == 1
     assert all(len(row) == 7 for row in hits)
 
 
-def test_default_num_beams_comes_from_the_model_config(setups):
-    tokenizer, model = setups["structured"]
-    model.generation_config.num_beams = 3
-    hits = constrained_retrieve(model, tokenizer, random_queries(tokenizer, 2, seed=5), top_k=1)
-    assert all(len(row) == 1 for row in hits)
-    with pytest.raises(ValueError, match="num_beams must be >= 1"):
-        constrained_retrieve(model, tokenizer, random_queries(tokenizer, 1, seed=5), top_k=1, num_beams=0)
-
-
-@pytest.mark.parametrize("top_k", [0, -1, 2.5, True])
-def test_bad_top_k_is_rejected(setups, top_k):
+@pytest.mark.parametrize("name, value", [("top_k", 0), ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+                                         ("top_k", "3"), ("num_beams", 0), ("num_beams", 1.5), ("num_beams", "4"),
+                                         ("batch_size", 0), ("batch_size", 2.0)])
+def test_bad_search_arguments_are_rejected(setups, name, value):
     tokenizer, model = setups["atomic"]
-    with pytest.raises(ValueError, match="top_k must be a positive int"):
-        constrained_retrieve(model, tokenizer, random_queries(tokenizer, 1, seed=0), top_k=top_k, num_beams=2)
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        model.retrieve(["a red circle"], tokenizer, **{name: value})
 
 
-def test_image_queries_through_gcmr_retrieve(text_tokenizer, caption_corpus):
-    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-
-    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "coarse_fine", count=20)
-    text_config = T5Config(vocab_size=tokenizer.num_text_tokens, d_model=16, d_kv=4, d_ff=32, num_layers=2,
-                           num_heads=4, decoder_start_token_id=0)
-    torch.manual_seed(0)
-    model = GcmrForRetrieval(GcmrConfig(text_config=text_config, image_embed_dim=8, num_visual_tokens=2))
-    model.set_identifier_vocabulary(tokenizer)
-    image_embeds = torch.randn(5, 8)
-    hits = model.retrieve(tokenizer=tokenizer, image_embeds=image_embeds, top_k=4, num_beams=4)
+def test_image_queries_through_gcmr_retrieve(setups):
+    tokenizer, model = setups["coarse_fine"]
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=torch.randn(5, EMBED_DIM), top_k=4, num_beams=4)
     assert len(hits) == 5
     for row in hits:
         assert len(row) == 4 and len({key for key, _ in row}) == 4

@@ -1,16 +1,21 @@
-"""A prefix trie over identifier token ids, stored as flat CSR arrays.
+"""The prefix trie over identifier token ids: built once from the identifier rows, walked on any device.
 
-Every identifier is inserted as ``ids + [eos_token_id]``, so identifiers that are prefixes of each
-other (semantic ids) stay apart: only the EOS edge ends one. Node 0 is the root; the edges of node
-``n`` are ``offsets[n]:offsets[n + 1]``, sorted by token, and the edges of all nodes together are
-sorted by ``(node, token)``, so ``node * vocab_size + token`` is a sorted search key. An EOS edge
-points to ``-(key_index + 1)`` instead of a node. Nodes are numbered level by level, which is what
-lets the build run as a handful of numpy passes (one per token position) instead of a Python loop
-per identifier.
+This is the project's one trie engine. The tokenizer builds it (`ImageIdTokenizer.prefix_trie`) and uses it for
+`key_for`; the model side never builds or walks a trie of its own: `retrieve()`, the trie-constrained beam search
+and `PrefixTrieLogitsProcessor` all receive this object from the tokenizer (a Hub file on the modeling side may
+not import this package, so they rely on its methods only).
+
+Layout (CSR): every identifier is inserted as ``ids + [eos_token_id]``, so identifiers that are prefixes of each
+other (semantic ids) stay apart: only the EOS edge ends one. Node 0 is the root; the edges of node ``n`` are
+``offsets[n]:offsets[n + 1]``, sorted by token, and the edges of all nodes together are sorted by
+``(node, token)``, so ``node * vocab_size + token`` is a sorted search key. An EOS edge points to
+``-(key_index + 1)`` instead of a node. Nodes are numbered level by level, which lets the build run as a handful
+of numpy passes (one per token position) instead of a Python loop per identifier.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -20,11 +25,91 @@ def _smallest_int(max_abs: int) -> type:
 
 
 class PrefixTrieError(ValueError):
-    """Identifier rows that cannot form a trie (duplicates, bad padding, tokens out of range)."""
+    """Identifier rows that cannot form a trie, or CSR arrays that are not one."""
+
+
+class DeviceTrie:
+    """The trie's arrays as int64 tensors on one device, and the vectorised walks over them.
+
+    `edge_key` (`node * vocab + token`, globally sorted) turns "the child of node n by token t" into one
+    `searchsorted` for any number of rows at once. `next_node[e]` is the child node of edge `e`, or -1 for an EOS
+    edge; `key_index[e]` is the identifier an EOS edge ends (-1 for the others). Node -1 stands for "no node":
+    a row that left the trie or already ended, and edge -1 for "no edge". Per-node and per-edge tables end with
+    one sentinel entry, so indexing them with -1 reads "nothing" (fan-out 0, no node, no key) without a branch.
+    """
+
+    def __init__(self, trie: "PrefixTrie", device: torch.device) -> None:
+        def put(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(device)
+
+        nodes = trie.child_nodes.astype(np.int64)
+        parent = np.repeat(np.arange(trie.num_nodes, dtype=np.int64), np.diff(trie.offsets))
+        self.device = device
+        self.vocab_size = trie.vocab_size
+        self.eos_token_id = trie.eos_token_id
+        self.num_edges = trie.num_edges
+        self.offsets = put(trie.offsets)
+        self.fanout = put(np.append(np.diff(trie.offsets), 0))
+        self.tokens = put(trie.child_tokens)
+        self.next_node = put(np.append(np.where(nodes < 0, -1, nodes), -1))
+        self.key_index = put(np.append(np.where(nodes < 0, -nodes - 1, -1), -1))
+        self.parent = put(parent)
+        self.edge_key = put(parent * trie.vocab_size + trie.child_tokens.astype(np.int64))
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.offsets, self.fanout, self.tokens, self.next_node, self.key_index,
+                                      self.parent, self.edge_key))
+
+    def find_edges(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Edge index of (node, token) for every row, or -1 where there is no such edge (or node is -1)."""
+        if self.num_edges == 0:
+            return torch.full_like(nodes, -1)
+        valid = (nodes >= 0) & (tokens >= 0) & (tokens < self.vocab_size)
+        keys = nodes.clamp(min=0) * self.vocab_size + tokens.clamp(0, self.vocab_size - 1)
+        edges = torch.searchsorted(self.edge_key, keys).clamp_(max=self.num_edges - 1)
+        return torch.where(valid & (self.edge_key[edges] == keys), edges, -1)
+
+    def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token deeper for every row: (edge taken or -1, node reached or -1)."""
+        edges = self.find_edges(nodes, tokens)
+        return edges, self.next_node[edges]
+
+    def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """The node each row of `prefixes` (R, P) reaches; -1 off the trie or past its EOS."""
+        nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=self.device)
+        for position in range(prefixes.shape[1]):
+            nodes = self.step(nodes, prefixes[:, position])[1]
+        return nodes
+
+    def edges_of(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every child edge of every row's node as (row, edge) pairs, rows ascending; rows at node -1 have none."""
+        counts = self.fanout[nodes]
+        total = int(counts.sum())  # the one host sync of a step
+        rows = torch.repeat_interleave(torch.arange(len(nodes), device=self.device), counts, output_size=total)
+        first_edge = self.offsets[nodes] - (torch.cumsum(counts, 0) - counts)
+        return rows, torch.arange(total, device=self.device) + first_edge[rows]
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        """Key index of each row of token ids (B, L), or -1; a row ends at its first -1 or EOS."""
+        batch, width = rows.shape
+        nodes = torch.zeros(batch, dtype=torch.long, device=self.device)
+        result = torch.full((batch,), -1, dtype=torch.long, device=self.device)
+        ended = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for position in range(width + 1):
+            token = rows[:, position] if position < width else torch.full_like(nodes, -1)
+            ends = ~ended & ((token < 0) | (token == self.eos_token_id))
+            edges = self.find_edges(torch.where(ends, nodes, -1), torch.full_like(token, self.eos_token_id))
+            result = torch.where(ends, self.key_index[edges], result)
+            ended |= ends
+            nodes = torch.where(ended, -1, self.step(nodes, token)[1])
+        return result
 
 
 class PrefixTrie:
-    """Constrained-decoding trie over identifier token ids (CSR arrays, see the module docstring)."""
+    """Constrained-decoding trie over identifier token ids (CSR arrays, see the module docstring).
+
+    Built with `from_sequences`; `on(device)` gives the tensors and walks used by decoding and lookups.
+    """
 
     def __init__(
         self,
@@ -39,14 +124,29 @@ class PrefixTrie:
         self.child_nodes = np.asarray(child_nodes)
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
-        if self.offsets.ndim != 1 or self.offsets.size < 1 or self.offsets[0] != 0:
-            raise PrefixTrieError("offsets must be 1-D, start at 0 and have num_nodes + 1 entries")
-        if self.child_tokens.shape != self.child_nodes.shape or self.offsets[-1] != self.child_tokens.size:
-            raise PrefixTrieError(
-                f"offsets end at {self.offsets[-1]} but there are {self.child_tokens.size} tokens and "
-                f"{self.child_nodes.size} child nodes"
-            )
+        self._validate()
         self.num_identifiers = int((self.child_nodes < 0).sum())
+        self._devices: dict[torch.device, DeviceTrie] = {}
+
+    def _validate(self) -> None:
+        offsets, tokens, nodes = self.offsets, self.child_tokens, self.child_nodes
+        if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise PrefixTrieError("offsets must be 1-D, non-decreasing, start at 0 and have num_nodes + 1 entries")
+        if tokens.shape != nodes.shape or tokens.ndim != 1 or offsets[-1] != tokens.size:
+            raise PrefixTrieError(
+                f"offsets end at {offsets[-1]} but there are {tokens.size} tokens and {nodes.size} child nodes"
+            )
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise PrefixTrieError(f"eos_token_id {self.eos_token_id} is outside the vocabulary [0, {self.vocab_size})")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise PrefixTrieError(f"child tokens must lie in [0, vocab_size={self.vocab_size})")
+        parent = np.repeat(np.arange(offsets.size - 1, dtype=np.int64), np.diff(offsets))
+        if np.any(np.diff(parent * self.vocab_size + tokens.astype(np.int64)) <= 0):
+            raise PrefixTrieError("edges must be strictly sorted by (node, token)")
+        if nodes.size and nodes.max() >= offsets.size - 1:
+            raise PrefixTrieError(f"child nodes point past the last node ({offsets.size - 2})")
+        if np.any((nodes < 0) != (tokens == self.eos_token_id)):
+            raise PrefixTrieError("exactly the EOS edges must end an identifier (child node < 0)")
 
     @classmethod
     def from_sequences(cls, rows: np.ndarray, eos_token_id: int, vocab_size: int) -> "PrefixTrie":
@@ -61,24 +161,11 @@ class PrefixTrie:
         eos_token_id, vocab_size = int(eos_token_id), int(vocab_size)
         if not 0 <= eos_token_id < vocab_size:
             raise PrefixTrieError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab_size})")
-        valid = rows >= 0
-        lengths = valid.sum(axis=1)
-        if num_rows and width:
-            if (rows < -1).any() or (rows >= vocab_size).any():
-                bad = int(np.argwhere((rows < -1) | (rows >= vocab_size))[0, 0])
-                raise PrefixTrieError(f"row {bad} has a token outside [0, {vocab_size}) (padding is -1): {rows[bad].tolist()}")
-            malformed = (valid[:, 1:] & ~valid[:, :-1]).any(axis=1) | (lengths == 0)
-            if malformed.any():
-                bad = int(np.flatnonzero(malformed)[0])
-                raise PrefixTrieError(f"row {bad} is empty or not right-padded with -1: {rows[bad].tolist()}")
-            if (rows == eos_token_id).any():
-                bad = int(np.argwhere(rows == eos_token_id)[0, 0])
-                raise PrefixTrieError(f"row {bad} contains the EOS token {eos_token_id}: {rows[bad].tolist()}")
-        elif num_rows:
-            raise PrefixTrieError("every identifier needs at least one token")
+        _check_rows(rows, eos_token_id, vocab_size)
 
         token_dtype = _smallest_int(vocab_size)
         # Append EOS after each row's last token; the padding after it never influences the trie.
+        lengths = (rows >= 0).sum(axis=1)
         seq = np.full((num_rows, width + 1), -1, dtype=token_dtype)
         seq[:, :width] = rows
         seq[np.arange(num_rows), lengths] = eos_token_id
@@ -102,14 +189,12 @@ class PrefixTrie:
         for depth in range(width + 1):
             token = seq[:, depth]
             # A row opens a new edge at this depth when its prefix up to and including `depth` is new.
-            opens = (first_diff <= depth) & (token >= 0)
-            edge_rows = np.flatnonzero(opens)
+            edge_rows = np.flatnonzero((first_diff <= depth) & (token >= 0))
             if edge_rows.size == 0:
                 break
             edge_tokens = token[edge_rows]
             is_eos = edge_tokens == eos_token_id
-            new_nodes = next_node + np.cumsum(~is_eos) - 1
-            child = np.where(is_eos, -(order[edge_rows] + 1), new_nodes)
+            child = np.where(is_eos, -(order[edge_rows] + 1), next_node + np.cumsum(~is_eos) - 1)
             parents.append(node_of_row[edge_rows])
             tokens.append(edge_tokens)
             children.append(child)
@@ -122,8 +207,7 @@ class PrefixTrie:
 
         num_nodes = next_node
         parent = np.concatenate(parents) if parents else np.zeros(0, dtype=np.int64)
-        num_edges = parent.size
-        offsets = np.zeros(num_nodes + 1, dtype=_smallest_int(num_edges))
+        offsets = np.zeros(num_nodes + 1, dtype=_smallest_int(parent.size))
         np.cumsum(np.bincount(parent, minlength=num_nodes), out=offsets[1:])
         child_tokens = np.concatenate(tokens).astype(token_dtype) if tokens else np.zeros(0, dtype=token_dtype)
         child_dtype = _smallest_int(max(num_nodes, num_rows + 1))
@@ -139,7 +223,7 @@ class PrefixTrie:
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The CSR arrays plus ``eos_token_id`` and ``vocab_size`` as 0-d arrays: all the model side needs."""
+        """The CSR arrays plus ``eos_token_id`` and ``vocab_size`` as 0-d arrays."""
         return {
             "offsets": self.offsets,
             "child_tokens": self.child_tokens,
@@ -147,6 +231,13 @@ class PrefixTrie:
             "eos_token_id": np.array(self.eos_token_id, dtype=np.int64),
             "vocab_size": np.array(self.vocab_size, dtype=np.int64),
         }
+
+    def on(self, device: torch.device | str) -> DeviceTrie:
+        """The walking engine on `device`, made once per device and kept."""
+        device = torch.device(device)
+        if device not in self._devices:
+            self._devices[device] = DeviceTrie(self, device)
+        return self._devices[device]
 
     @property
     def num_nodes(self) -> int:
@@ -178,69 +269,60 @@ class PrefixTrie:
             first, last = (int(inner.min()), int(inner.max()) + 1) if inner.size else (0, 0)
         return depth
 
-    def find_edges(self, nodes: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Edge index of ``(node, token)`` for each pair, or -1 where the node has no such child.
+    def lookup(self, rows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Key index of each row of token ids (B, L), or -1 where the row is not an identifier.
 
-        A vectorised binary search inside each node's slice: log2(max fan-out) numpy steps.
+        A row ends at its first -1 or EOS (anything after that is ignored). Numpy in, numpy out; a tensor is
+        looked up on its own device.
         """
-        nodes = np.asarray(nodes, dtype=np.int64)
-        tokens = np.asarray(tokens, dtype=np.int64)
-        lo = self.offsets[nodes].astype(np.int64)
-        end = self.offsets[nodes + 1].astype(np.int64)
-        hi = end.copy()
-        while True:
-            active = lo < hi
-            if not active.any():
-                break
-            mid = (lo + hi) // 2
-            go_right = active & (self.child_tokens[np.minimum(mid, max(self.num_edges - 1, 0))] < tokens)
-            lo = np.where(go_right, mid + 1, lo)
-            hi = np.where(active & ~go_right, mid, hi)
-        found = lo < end
-        found[found] = self.child_tokens[lo[found]] == tokens[found]
-        return np.where(found, lo, -1)
+        as_numpy = not isinstance(rows, torch.Tensor)
+        tensor = torch.as_tensor(np.asarray(rows, dtype=np.int64)) if as_numpy else rows.long()
+        if tensor.ndim != 2:
+            raise PrefixTrieError(f"rows must be 2-D (B, L), got shape {tuple(tensor.shape)}")
+        found = self.on(tensor.device).lookup(tensor)
+        return found.numpy() if as_numpy else found
 
-    def lookup(self, rows: np.ndarray) -> np.ndarray:
-        """Key index of each row of token ids, or -1 where the row is not an identifier.
-
-        ``rows`` is (B, L); a row ends at its first -1 or EOS (anything after that is ignored).
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.ndim != 2:
-            raise PrefixTrieError(f"rows must be 2-D (B, L), got shape {rows.shape}")
-        batch, width = rows.shape
-        node = np.zeros(batch, dtype=np.int64)
-        result = np.full(batch, -1, dtype=np.int64)
-        alive = np.full(batch, self.num_edges > 0)
-        for depth in range(width + 1):
-            if not alive.any():
-                break
-            token = rows[:, depth] if depth < width else np.full(batch, -1, dtype=np.int64)
-            ends = alive & ((token < 0) | (token == self.eos_token_id))
-            step = np.where(ends, self.eos_token_id, token)
-            idx = np.flatnonzero(alive)
-            edge = self.find_edges(node[idx], step[idx])
-            child = np.where(edge >= 0, self.child_nodes[np.maximum(edge, 0)], 0)
-            finished = ends[idx]
-            hit = finished & (edge >= 0)
-            result[idx[hit]] = -child[hit] - 1
-            moves = ~finished & (edge >= 0) & (child >= 0)
-            alive[idx] = moves
-            node[idx[moves]] = child[moves]
-        return result
+    def paths(self, rows: np.ndarray) -> np.ndarray:
+        """The edge index taken at each step of each identifier row, its EOS edge included; (N, L + 1), -1 padded."""
+        tensor = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        engine = self.on("cpu")
+        eos = torch.full((tensor.shape[0], 1), -1, dtype=torch.long)
+        tokens = torch.cat([tensor, eos], dim=1)
+        tokens[torch.arange(len(tokens)), (tensor >= 0).sum(1)] = self.eos_token_id
+        nodes = torch.zeros(len(tokens), dtype=torch.long)
+        paths = torch.full(tokens.shape, -1, dtype=torch.long)
+        for position in range(tokens.shape[1]):
+            paths[:, position], nodes = engine.step(nodes, tokens[:, position])
+        return paths.numpy()
 
     def allowed(self, prefix: list[int] | np.ndarray) -> np.ndarray:
         """Tokens that may follow ``prefix`` (EOS included where the prefix is a whole identifier)."""
-        node = 0
-        for token in prefix:
-            edge = int(self.find_edges(np.array([node]), np.array([token]))[0])
-            if edge < 0 or self.child_nodes[edge] < 0:
-                return np.zeros(0, dtype=self.child_tokens.dtype)
-            node = int(self.child_nodes[edge])
-        return self.child_tokens[self.offsets[node] : self.offsets[node + 1]].copy()
+        engine = self.on("cpu")
+        node = engine.walk(torch.as_tensor(np.asarray(prefix, dtype=np.int64)).reshape(1, -1))
+        _, edges = engine.edges_of(node)
+        return self.child_tokens[edges.numpy()].copy()
 
     def __repr__(self) -> str:
         return (
             f"PrefixTrie(identifiers={self.num_identifiers}, nodes={self.num_nodes}, edges={self.num_edges}, "
             f"nbytes={self.nbytes}, eos_token_id={self.eos_token_id}, vocab_size={self.vocab_size})"
         )
+
+
+def _check_rows(rows: np.ndarray, eos_token_id: int, vocab_size: int) -> None:
+    num_rows, width = rows.shape
+    if num_rows and not width:
+        raise PrefixTrieError("every identifier needs at least one token")
+    if not num_rows:
+        return
+    valid = rows >= 0
+    if (rows < -1).any() or (rows >= vocab_size).any():
+        bad = int(np.argwhere((rows < -1) | (rows >= vocab_size))[0, 0])
+        raise PrefixTrieError(f"row {bad} has a token outside [0, {vocab_size}) (padding is -1): {rows[bad].tolist()}")
+    malformed = (valid[:, 1:] & ~valid[:, :-1]).any(axis=1) | ~valid.any(axis=1)
+    if malformed.any():
+        bad = int(np.flatnonzero(malformed)[0])
+        raise PrefixTrieError(f"row {bad} is empty or not right-padded with -1: {rows[bad].tolist()}")
+    if (rows == eos_token_id).any():
+        bad = int(np.argwhere(rows == eos_token_id)[0, 0])
+        raise PrefixTrieError(f"row {bad} contains the EOS token {eos_token_id}: {rows[bad].tolist()}")

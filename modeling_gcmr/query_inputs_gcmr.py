@@ -1,0 +1,144 @@
+"""The one front door for queries: validation, the truncation policy, search limits and batching.
+
+`retrieve()`, the pipeline and the training examples all go through here, so a query means the same thing in
+training and in search:
+
+- text queries are strings (a str, or any list, tuple, generator or numpy array of them); anything else, an empty
+  or whitespace-only string, is refused with the item's position;
+- every query is cut to `config.query_token_limit` tokens (the encoder's position limit, else 512), with one
+  warning; before tokenizing, a query is cut to `CHARS_PER_TOKEN` characters per allowed token, so a huge string
+  never reaches the tokenizer whole;
+- a query none of whose tokens is a real word piece (only control, zero-width or unknown characters) is flagged:
+  it gets no hits and an `UnusableQueryWarning`, rather than confident hits for nothing;
+- image queries (`image_embeds`, `pixel_values`) must be finite float arrays;
+- `top_k` and `num_beams` are positive ints, capped at the number of identifiers (a larger beam finds nothing
+  more), and `num_beams` is raised to `top_k`.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Longer than any word piece of a real vocabulary; the cut only spares the tokenizer a pathological string.
+CHARS_PER_TOKEN = 64
+# Upper bound of top_k / num_beams whatever the corpus size: beam search keeps num_beams hypotheses per query.
+MAX_BEAMS = 1024
+
+
+class UnusableQueryWarning(UserWarning):
+    """A query had no usable token (only control, zero-width or unknown characters); it got no hits."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_query_list(queries: Any) -> list[str]:
+    """The queries as a list of non-blank strings; a TypeError or ValueError names the offending item."""
+    if isinstance(queries, str):
+        return validate_query_texts([queries])
+    if isinstance(queries, np.ndarray):
+        if queries.ndim != 1:
+            raise ValueError(f"a numpy array of queries must be 1-D, got shape {queries.shape}")
+        queries = queries.tolist()
+    elif isinstance(queries, (bytes, dict)) or not isinstance(queries, Iterable):
+        raise TypeError(f"queries must be a string or a list of strings, got {type(queries).__name__}")
+    return validate_query_texts(list(queries))
+
+
+def validate_query_texts(queries: list[Any]) -> list[str]:
+    if not queries:
+        raise ValueError("no queries given: pass a string or a non-empty list of strings")
+    for index, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise TypeError(f"queries must be strings; item {index} is {type(query).__name__}: {query!r:.80}")
+        if not query.strip():
+            raise ValueError(f"queries must not be empty or whitespace; item {index} is {query!r}")
+    return queries
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def search_limits(top_k: Any, num_beams: Any, default_beams: int, num_identifiers: int) -> tuple[int, int]:
+    """(top_k, num_beams) checked and capped: beams >= top_k, both <= the identifiers (and <= MAX_BEAMS)."""
+    top_k = check_positive_int("top_k", top_k)
+    num_beams = default_beams if num_beams is None else check_positive_int("num_beams", num_beams)
+    cap = max(1, min(num_identifiers, MAX_BEAMS))
+    top_k = min(top_k, cap)
+    if num_beams < top_k:
+        logger.warning_once(f"num_beams={num_beams} < top_k={top_k}: raising num_beams to {top_k} so that beam search "
+                            "can return top_k distinct identifiers")
+    return top_k, min(max(num_beams, top_k), cap)
+
+
+def tokenize_queries(tokenizer: Any, texts: list[str], limit: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """Token ids of the queries cut to `limit` tokens, padded into tensors, and which queries have a usable token.
+
+    The tokenizer's own `model_max_length` lowers the limit when smaller. One warning says when a query is cut.
+    """
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if _is_int(model_max) and 1 < model_max < limit:
+        limit = int(model_max)
+    texts = [text[: limit * CHARS_PER_TOKEN] for text in texts]
+    encoded = tokenizer(texts, truncation=False)
+    if max(len(ids) for ids in encoded["input_ids"]) > limit:
+        logger.warning_once(f"queries longer than {limit} tokens are cut to {limit} tokens (the encoder's limit)")
+        encoded = tokenizer(texts, truncation=True, max_length=limit)
+    unusable = {tokenizer.unk_token_id, *tokenizer.all_special_ids}
+    usable = [any(token not in unusable for token in ids) for ids in encoded["input_ids"]]
+    return dict(tokenizer.pad(encoded, return_tensors="pt")), usable
+
+
+def warn_unusable(texts: list[str], usable: list[bool]) -> None:
+    bad = [index for index, ok in enumerate(usable) if not ok]
+    if bad:
+        warnings.warn(
+            f"{len(bad)} quer{'y has' if len(bad) == 1 else 'ies have'} no usable token (only control, zero-width or "
+            f"unknown characters) and get no hits: item {bad[0]} is {texts[bad[0]]!r:.60}",
+            UnusableQueryWarning,
+            stacklevel=3,
+        )
+
+
+def as_image_queries(values: Any, name: str) -> torch.Tensor:
+    """Image queries as a finite float tensor; numpy arrays and nested lists are accepted."""
+    if isinstance(values, (str, bytes)) or values is None:
+        raise TypeError(f"{name} must be a float tensor or array, got {type(values).__name__}")
+    try:
+        tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values, dtype=np.float32))
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a float tensor or array of numbers: {error}") from error
+    if not tensor.is_floating_point():
+        tensor = tensor.float()
+    if tensor.ndim == 0 or tensor.shape[0] == 0:
+        raise ValueError(f"{name} needs at least one query row, got shape {tuple(tensor.shape)}")
+    finite = torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        row = int(torch.nonzero(~finite)[0])
+        raise ValueError(f"{name} row {row} holds NaN or inf; image queries must be finite")
+    return tensor
+
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "MAX_BEAMS",
+    "UnusableQueryWarning",
+    "as_image_queries",
+    "as_query_list",
+    "check_positive_int",
+    "search_limits",
+    "tokenize_queries",
+    "validate_query_texts",
+    "warn_unusable",
+]

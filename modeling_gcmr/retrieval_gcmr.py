@@ -1,0 +1,139 @@
+"""`retrieve()`: queries in, ranked image keys out, through the query front door and the model's decoder.
+
+Text and image queries are validated and batched by `query_inputs_gcmr`; each batch is searched by the head the
+model has (the trie beam search of the identifier head, or `generate()` under the trie for the text head), and
+optionally re-ranked with the image features stored in the checkpoint:
+
+- `rerank="features"`: the beam's candidates are ordered by `scale * q_0 . x_i` alone (q_0 the query vector, x_i the
+  stored feature), i.e. exact inner-product search restricted to what the generative search proposed;
+- `rerank="hybrid"`: the generative score plus `rerank_weight` times that feature score.
+
+Stored features cost `identifier_dim` floats per image in the checkpoint and in memory (4 bytes each: 1.5 KB per
+image for 384-d features, 2 KB for CLIP's 512-d; 2 GB for a million 512-d images).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.utils.logging import tqdm
+
+from .prefix_trie_logits_processor import constrained_generate
+from .query_inputs_gcmr import (
+    as_image_queries,
+    as_query_list,
+    check_positive_int,
+    search_limits,
+    tokenize_queries,
+    warn_unusable,
+)
+from .trie_beam_search_gcmr import trie_beam_search
+
+RERANK_MODES = (None, "features", "hybrid")
+
+
+@torch.no_grad()
+def retrieve(model: Any, queries: Any = None, tokenizer: Any = None, top_k: int = 10, num_beams: int | None = None,
+             batch_size: int = 32, *, image_embeds: Any = None, pixel_values: Any = None, prompt: str = "",
+             show_progress: bool | None = None, rerank: str | None = None,
+             rerank_weight: float = 1.0) -> list[list[tuple[str, float]]]:
+    """See `GcmrForRetrieval.retrieve`."""
+    if tokenizer is None:
+        raise ValueError("retrieve() needs the tokenizer saved with this model")
+    model.check_tokenizer(tokenizer)
+    given = [name for name, value in (("queries", queries), ("image_embeds", image_embeds),
+                                      ("pixel_values", pixel_values)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"pass exactly one of queries, image_embeds or pixel_values (got {given or 'none'})")
+    batch_size = check_positive_int("batch_size", batch_size)
+    top_k, num_beams = search_limits(top_k, num_beams, model.config.num_beams, tokenizer.prefix_trie.num_identifiers)
+    check_rerank(model, rerank, rerank_weight)
+    if queries is not None:
+        texts = as_query_list(queries)
+        total = len(texts)
+    else:
+        images = as_image_queries(image_embeds if image_embeds is not None else pixel_values, given[0])
+        total = images.shape[0]
+    starts = range(0, total, batch_size)
+    if show_progress if show_progress is not None else len(starts) > 1:
+        starts = tqdm(starts, desc="retrieve", unit="batch")
+    keys = tokenizer.keys
+    was_training = model.training
+    model.eval()
+    try:
+        results: list[list[tuple[str, float]]] = []
+        usable_all: list[bool] = []
+        for start in starts:
+            stop = min(start + batch_size, total)
+            if queries is not None:
+                inputs, usable = tokenize_queries(tokenizer, texts[start:stop], model.config.query_token_limit)
+            else:
+                inputs, usable = _image_inputs(model, tokenizer, given[0], images[start:stop], prompt)
+            hits = search(model, tokenizer, inputs, top_k, num_beams, rerank, rerank_weight)
+            results.extend([[(keys[k], s) for k, s in row] if ok else [] for row, ok in zip(hits, usable)])
+            usable_all.extend(usable)
+        if queries is not None:
+            warn_unusable(texts, usable_all)
+        return results
+    finally:
+        model.train(was_training)
+
+
+def check_rerank(model: Any, rerank: Any, rerank_weight: Any) -> None:
+    if rerank not in RERANK_MODES:
+        raise ValueError(f"rerank must be one of {RERANK_MODES}, got {rerank!r}")
+    if rerank is not None and model.stored_image_features is None:
+        raise ValueError(
+            "rerank needs image features stored with the checkpoint, and this one has none: call "
+            "model.store_image_features(features) (run_gcmr.py --store_image_features) and save again"
+        )
+    if isinstance(rerank_weight, bool) or not isinstance(rerank_weight, (int, float)):
+        raise ValueError(f"rerank_weight must be a number, got {rerank_weight!r}")
+
+
+def search(model: Any, tokenizer: Any, inputs: dict[str, torch.Tensor], top_k: int, num_beams: int,
+           rerank: str | None = None, rerank_weight: float = 1.0) -> list[list[tuple[int, float]]]:
+    """One batch of prepared inputs -> per row, up to `top_k` (identifier index, score) pairs, best first."""
+    inputs = {name: value.to(model.device) for name, value in inputs.items()}
+    wanted = num_beams if rerank is not None else top_k
+    encoded = None
+    if model.config.identifier_head == "identifier":
+        encoded = model.encode(**inputs)
+        hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams, wanted)
+    else:
+        hits = constrained_generate(model, tokenizer, inputs, wanted, num_beams)
+    if rerank is None:
+        return hits
+    if encoded is None:
+        encoded = model.encode(**inputs)
+    return _rerank(model, encoded.query_vectors, hits, top_k, rerank, rerank_weight)
+
+
+def _rerank(model: Any, query_vectors: torch.Tensor, hits: list[list[tuple[int, float]]], top_k: int, mode: str,
+            weight: float) -> list[list[tuple[int, float]]]:
+    features = model.stored_image_features
+    scale = float(model.identifier_head.scale) if model.identifier_head is not None else model.config.score_scale
+    reranked = []
+    for query, row in zip(query_vectors, hits):
+        if not row:
+            reranked.append([])
+            continue
+        indices = torch.tensor([key for key, _ in row], device=features.device)
+        dense = (scale * features[indices].float() @ query.float().to(features.device)).tolist()
+        scores = dense if mode == "features" else [score + weight * d for (_, score), d in zip(row, dense)]
+        order = sorted(range(len(row)), key=lambda i: -scores[i])[:top_k]
+        reranked.append([(row[i][0], float(scores[i])) for i in order])
+    return reranked
+
+
+def _image_inputs(model: Any, tokenizer: Any, name: str, images: torch.Tensor,
+                  prompt: str) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    inputs = {name: images.to(torch.float32)}
+    if prompt or model.config.images_through_encoder:
+        # Format 1 always encoded a prompt with the image (empty: just the special tokens).
+        text, _ = tokenize_queries(tokenizer, [prompt] * len(images), model.config.query_token_limit)
+        inputs.update(text)
+    return inputs, [True] * len(images)
+
+
+__all__ = ["RERANK_MODES", "check_rerank", "retrieve", "search"]
