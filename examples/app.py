@@ -60,12 +60,14 @@ class AppArguments:
                            metadata={"help": "Checkpoint folder (or Hub id) saved by save_retriever / run_gcmr.py."})
     images: str = field(default=os.environ.get("GCMR_IMAGES", str(HERE / "images")),
                         metadata={"help": "Folder with the collection's images (an imagefolder or plain files)."})
-    host: str | None = field(default=None, metadata={"help": "Address to serve on (default 127.0.0.1; in a Space 0.0.0.0)."})
+    host: str | None = field(default=None,
+                             metadata={"help": "Address to serve on (default 127.0.0.1; in a Space 0.0.0.0)."})
     port: int | None = field(default=None, metadata={"help": "Port (default $GRADIO_SERVER_PORT or 7860)."})
     max_top_k: int = field(default=20, metadata={"help": "Largest top-k the slider offers."})
     max_query_chars: int = field(default=1000, metadata={"help": "Longer queries are refused with a message."})
     num_beams: int | None = field(default=None, metadata={"help": "Beam width (default: the checkpoint's)."})
-    image_prompt: str = field(default="", metadata={"help": "Text given with image queries (run_gcmr's --memorize_prompt)."})
+    image_prompt: str = field(default="",
+                              metadata={"help": "Text given with image queries (run_gcmr's --memorize_prompt)."})
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ class Searcher:
             return self._retrieve(top_k, image_embeds=self.stored_features[row : row + 1])
         path = self.collection.paths.get(key)
         if path is None:
-            raise SearchError(f"The image of '{key}' is not in {self.collection.folder}, so it cannot be searched with.")
+            raise SearchError(f"The image of '{key}' is not in {self.collection.folder}, so it cannot be searched "
+                              "with.")
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB")
@@ -245,7 +248,8 @@ def respond(searcher: Searcher, search, *args) -> tuple[str, list[list], str]:
         return "", [], f"**The search failed** ({type(error).__name__}: {error}). The server is still running."
     identifiers = {key: searcher.identifier_tokens(key) for key, _ in hits}
     thumbnails = {key: uri for key, _ in hits if (uri := searcher.thumbnail(key))}
-    rows = [[rank, key, round(float(score), 4), " ".join(identifiers[key])] for rank, (key, score) in enumerate(hits, start=1)]
+    rows = [[rank, key, round(float(score), 4), " ".join(identifiers[key])]
+            for rank, (key, score) in enumerate(hits, start=1)]
     status = f"{len(hits)} results in {time.perf_counter() - started:.2f} s (score: log-probability of the identifier)."
     return render_hits(hits, thumbnails, identifiers=identifiers), rows, status
 
@@ -257,8 +261,9 @@ def build_page(searcher: Searcher, title: str = "GCMR search") -> gr.Blocks:
         gr.Markdown(f"# {title}\n{len(searcher.tokenizer.keys):,} images; each result shows the identifier the "
                     "model generated for it, coarse to fine.")
         if collection.missing:
-            listed = ", ".join(collection.missing[:MAX_LISTED_KEYS])
-            more = f" and {len(collection.missing) - MAX_LISTED_KEYS} more" if len(collection.missing) > MAX_LISTED_KEYS else ""
+            listed = ", ".join(f"`{key}`" for key in collection.missing[:MAX_LISTED_KEYS])
+            unlisted = len(collection.missing) - MAX_LISTED_KEYS
+            more = f" and {unlisted} more" if unlisted > 0 else ""
             gr.Markdown(f"**{len(collection.missing)} of the {len(searcher.tokenizer.keys)} images this checkpoint "
                         f"names are not in `{collection.folder}`:** {listed}{more}. They are still searched and "
                         "show a placeholder instead of a thumbnail.", elem_id="missing-images")

@@ -61,9 +61,13 @@ def free_port() -> int:
 
 
 class AppServer:
-    """`examples/app.py` in a subprocess on 127.0.0.1; `stop()` ends it and returns what it printed."""
+    """An app file in a subprocess on 127.0.0.1 (a free port); `stop()` ends it and returns what it printed.
 
-    def __init__(self, checkpoint: Path, images: Path, log: Path, timeout: float = 120.0):
+    `args` are its command-line arguments besides `--port`, e.g. `["--retriever", DIR, "--images", DIR]`; none for
+    the Space layout, where the app serves the `retriever/` and `images/` folders next to itself.
+    """
+
+    def __init__(self, app_file: Path, args: list[str], log: Path, timeout: float = 120.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
@@ -71,9 +75,8 @@ class AppServer:
         env.pop("SPACE_ID", None)
         with open(log, "wb") as handle:
             self.process = subprocess.Popen(
-                [sys.executable, str(APP), "--retriever", str(checkpoint), "--images", str(images),
-                 "--port", str(self.port)],
-                stdout=handle, stderr=subprocess.STDOUT, env=env,
+                [sys.executable, str(app_file), *args, "--port", str(self.port)],
+                stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -5,8 +5,10 @@ that the page refuses with a message.
 """
 import importlib.util
 import json
+import shutil
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,10 +52,12 @@ def reference(collection):
 
 @pytest.fixture(scope="module")
 def server(collection, tmp_path_factory, monkeypatch_module):
+    """The app as a Space runs it: `app.py` copied next to `retriever/` and `images/`, started without arguments."""
     checkpoint, images = collection
+    space_app = shutil.copy(APP, checkpoint.parent / "app.py")
     temp = tmp_path_factory.mktemp("gradio")
-    monkeypatch_module.setenv("GRADIO_TEMP_DIR", str(temp))  # the server's and the client's upload caches
-    server = AppServer(checkpoint, images, temp / "server.log")
+    monkeypatch_module.setenv("GRADIO_TEMP_DIR", str(temp))  # the server's upload cache
+    server = AppServer(Path(space_app), [], temp / "server.log")
     yield server
     output = server.stop()
     # Gradio logs the requests its own input checks refuse; a search of this app must never fail unexpectedly.
@@ -148,7 +152,7 @@ def test_image_search_goes_through_the_vision_tower(client, reference, collectio
     assert_same_hits(picked[1], expected, tokenizer)
 
 
-def test_the_page_is_offline_and_names_the_images_the_folder_lacks(server):
+def test_the_page_is_offline_and_names_the_images_the_folder_lacks(server, collection):
     with urllib.request.urlopen(server.url + "config", timeout=10) as response:
         config = json.load(response)
     assert config["analytics_enabled"] is False
@@ -156,7 +160,9 @@ def test_the_page_is_offline_and_names_the_images_the_folder_lacks(server):
     notice = next(c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "missing-images")
     assert f"{len(MISSING_KEYS)} of the {NUM_IMAGES} images" in notice
     assert all(key in notice for key in MISSING_KEYS)
+    # Started without arguments, the app found retriever/ and images/ next to itself, and listens on loopback.
     assert f"Running on local URL:  http://127.0.0.1:{server.port}" in server.output()
+    assert f"{collection[0]} ({NUM_IMAGES} images, {NUM_IMAGES - len(MISSING_KEYS)} with a file)" in server.output()
 
 
 # In process: the stored-features path, the image index, the start-up errors.
@@ -166,12 +172,13 @@ def test_stored_image_features_search_collection_images(app, text_tokenizer, tmp
     model, tokenizer = tiny_retriever(text_tokenizer, corpus, vision=False)
     features = dict(zip(corpus["image_key"], corpus["image_embeds"]))
     model.stored_image_features = torch.tensor([features[key] for key in tokenizer.keys])
-    searcher = app.Searcher(model, tokenizer, app.index_images(write_imagefolder(corpus, tmp_path / "i"), tokenizer.keys))
+    images = app.index_images(write_imagefolder(corpus, tmp_path / "images"), tokenizer.keys)
+    searcher = app.Searcher(model, tokenizer, images)
     assert searcher.searches_images and not searcher.takes_uploads
     key = tokenizer.keys[3]
     expected = model.retrieve(tokenizer=tokenizer, top_k=3, image_embeds=model.stored_image_features[3:4])[0]
     assert searcher.collection_image(key, 3) == expected
-    html, rows, status = app.respond(searcher, searcher.upload, str(tmp_path / "i" / f"{key}.png"), 3)
+    html, rows, status = app.respond(searcher, searcher.upload, str(tmp_path / "images" / f"{key}.png"), 3)
     assert "no vision tower" in status and rows == []
     names = [d["api_name"] for d in app.build_page(searcher).config["dependencies"]]
     assert "search_collection_image" in names and "search_upload" not in names
@@ -193,11 +200,24 @@ def test_collection_keys_without_a_usable_image_get_a_message(app, reference, co
     assert app.Searcher(model, tokenizer, damaged).thumbnail("syn_00001") is None  # a placeholder, not a crash
 
 
+def test_an_unexpected_failure_becomes_a_message(app, reference, collection):
+    model, tokenizer = reference
+    searcher = app.Searcher(model, tokenizer, app.index_images(collection[1], tokenizer.keys))
+
+    def broken(query, top_k):
+        raise RuntimeError("out of memory")
+
+    html, rows, status = app.respond(searcher, broken, QUERIES[0], 3)
+    assert (html, rows) == ("", [])
+    assert status == "**The search failed** (RuntimeError: out of memory). The server is still running."
+
+
 def test_a_checkpoint_without_images_gets_no_image_tab(app, text_tokenizer, tmp_path):
     corpus = make_synthetic_corpus(6, captions_per_image=1, seed=6)
     model, tokenizer = tiny_retriever(text_tokenizer, corpus, vision=False)
     model.stored_image_features = torch.zeros(2, 3)  # wrong number of rows: ignored, with a warning
-    searcher = app.Searcher(model, tokenizer, app.index_images(write_imagefolder(corpus, tmp_path / "i"), tokenizer.keys))
+    images = app.index_images(write_imagefolder(corpus, tmp_path / "images"), tokenizer.keys)
+    searcher = app.Searcher(model, tokenizer, images)
     assert not searcher.searches_images
     names = [d["api_name"] for d in app.build_page(searcher).config["dependencies"]]
     assert "search" in names and "search_collection_image" not in names

@@ -4,10 +4,9 @@ Skips, saying why, when Playwright is not installed or Chromium is missing or ca
 Debian's `chromium` package when it can). Playwright downloads no browser here: it drives the system binary.
 """
 import os
-from pathlib import Path
 
 import pytest
-from app_server import MISSING_KEYS, NUM_IMAGES, AppServer, saved_collection
+from app_server import APP, MISSING_KEYS, NUM_IMAGES, AppServer, saved_collection
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer
 
@@ -44,7 +43,7 @@ def browser_context(tmp_path_factory):
 def server(tmp_path_factory, text_tokenizer):
     folder = tmp_path_factory.mktemp("app-browser")
     checkpoint, images = saved_collection(folder, text_tokenizer)
-    server = AppServer(checkpoint, images, folder / "server.log")
+    server = AppServer(APP, ["--retriever", str(checkpoint), "--images", str(images)], folder / "server.log")
     yield server, checkpoint
     server.stop()
 

@@ -43,8 +43,11 @@ GALLERY_CSS = """
 .gcmr-id { margin-top: 2px; display: flex; flex-wrap: wrap; gap: 2px; align-items: center; }
 .gcmr-id code { background: #eef2fb; border-radius: 3px; padding: 0 2px; font-size: 11px; }
 .gcmr-query { margin: 18px 0 6px; font-size: 15px; }
-.gcmr-systems { display: flex; flex-wrap: wrap; gap: 24px; }
+.gcmr-systems { display: flex; gap: 28px; overflow-x: auto; }
 .gcmr-system h3 { margin: 4px 0; font-size: 13px; }
+.gcmr-system .gcmr-hits { flex-wrap: nowrap; gap: 6px; }
+.gcmr-system .gcmr-hit { width: 104px; }
+.gcmr-system .gcmr-thumb, .gcmr-system .gcmr-missing { width: 96px; height: 96px; }
 """
 
 
