@@ -13,15 +13,19 @@ The tour:
      the checkpoint folder `<output_dir>/run/retriever`;
   3. reload the checkpoint the way a Hub user would (`AutoModel` / `AutoTokenizer` with `trust_remote_code=True`)
      and search through the "generative-image-retrieval" pipeline;
-  4. draw what is better seen than read: retrieved images per query, Recall@k curves (generative vs dense) and
-     decoding latency against the beam width.
+  4. draw what is better seen than read: retrieved images per query, Recall@k curves (generative vs dense),
+     decoding latency against the beam width, and `gallery.html`, a self-contained page with each query's top-5
+     images of both retrievers side by side (the correct image framed);
+  5. print the command that opens the search page (`examples/app.py`) on the trained retriever and the corpus.
 
-Everything lands in `--output_dir`: `corpus/`, `run/` (run_gcmr's output), `figures/` and `demo_results.json`.
+Everything lands in `--output_dir`: `corpus/`, `run/` (run_gcmr's output), `figures/`, `gallery.html` and
+`demo_results.json`.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from transformers import AutoModel, AutoTokenizer, HfArgumentParser, pipeline, s
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_gcmr  # noqa: E402  (the sibling example script; the demo drives its main())
 
+from modeling_gcmr.evaluation.gallery import write_gallery  # noqa: E402
 from modeling_gcmr.evaluation.metrics import retrieval_metrics, save_results  # noqa: E402
 from modeling_gcmr.evaluation.plotting import (  # noqa: E402
     plot_latency,
@@ -48,6 +53,9 @@ SIZES = {
     "quick": dict(num_images=24, captions_per_image=2, epochs=60, d_model=64, num_layers=1, num_beams=4, dense_epochs=5),
 }
 LATENCY_BEAMS = (1, 2, 5, 10)
+# Queries shown in gallery.html; every thumbnail is inlined, so the page stays a few hundred KB.
+GALLERY_QUERIES = 20
+APP = Path(__file__).resolve().with_name("app.py")
 
 
 @dataclass
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     generative = retrieval_metrics(generative_rankings, held_out.gold)
     print(f"[3/4] the reloaded checkpoint, through the pipeline: Recall@1 {generative['recall@1']:.3f}")
 
-    dense_rankings = _rankings(run_dir / "per_query_results_dense.jsonl", held_out.queries)
+    dense_hits = _hits(run_dir / "per_query_results_dense.jsonl", held_out.queries)
+    dense_rankings = [[key for key, _ in query_hits] for query_hits in dense_hits]
 
     # 4. Figures.
     shown = list(range(min(4, len(held_out.queries))))
@@ -116,7 +125,16 @@ def main(argv: list[str] | None = None) -> dict:
         latency, figures / "latency.png",
         title=f"Trie-constrained decoding over {len(corpus)} images (CPU)",
     )
-    print(f"[4/4] figures in {figures}")
+    in_gallery = slice(0, GALLERY_QUERIES)
+    gallery = write_gallery(
+        out / "gallery.html", held_out.queries[in_gallery],
+        {"generative (GCMR), log-probability": hits[in_gallery],
+         "dense baseline, cosine": dense_hits[in_gallery]},
+        images_by_key, gold=held_out.gold[in_gallery], top_k=5, title=f"GCMR demo: {len(corpus)} synthetic images",
+    )
+    print(f"[4/4] figures in {figures}, gallery in {gallery}")
+    search_page = shlex.join([_short(sys.executable), _short(APP), "--retriever", _short(checkpoint),
+                              "--images", _short(corpus_dir)])
 
     results = {
         "runtime_s": round(time.perf_counter() - started, 1),
@@ -129,19 +147,27 @@ def main(argv: list[str] | None = None) -> dict:
         "latency_ms_per_query": latency,
         "example": {"query": held_out.queries[0], "gold": held_out.gold[0], "hits": hits[0][:5]},
         "paths": {"checkpoint": str(checkpoint), "retrieved_images": str(retrieved_png),
-                  "recall_curve": str(recall_png), "latency": str(latency_png)},
+                  "recall_curve": str(recall_png), "latency": str(latency_png), "gallery": str(gallery)},
+        "search_page_command": search_page,
     }
     save_results(out / "demo_results.json", results)
     _print_summary(results)
     return results
 
 
-def _rankings(per_query_file: Path, queries: list[str]) -> list[list[str]]:
-    """The ranked keys of each query from an `evaluate_retriever` per-query JSONL file, checked against `queries`."""
+def _hits(per_query_file: Path, queries: list[str]) -> list[list[tuple[str, float]]]:
+    """The ranked (key, score) hits of each query from an `evaluate_retriever` per-query JSONL file, checked against
+    `queries`."""
     records = [json.loads(line) for line in per_query_file.read_text(encoding="utf-8").splitlines()]
     if [record["query"] for record in records] != list(queries):
         raise ValueError(f"{per_query_file} holds other queries than the held-out captions of this corpus")
-    return [[hit["key"] for hit in record["hits"]] for record in records]
+    return [[(hit["key"], hit["score"]) for hit in record["hits"]] for record in records]
+
+
+def _short(path: str | os.PathLike) -> str:
+    """`path` relative to the working directory when it lies below it (a shorter command to copy), else absolute."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return relative if not relative.startswith("..") else os.path.abspath(path)
 
 
 def _latency(retriever, queries: list[str]) -> dict[str, dict[int, float]]:
@@ -172,6 +198,7 @@ def _print_summary(results: dict) -> None:
     print()
     for name, path in results["paths"].items():
         print(f"{name:>17}: {path}")
+    print(f"\nsearch page (open the printed http://127.0.0.1 address in a browser):\n  {results['search_page_command']}")
     print("=" * 72)
 
 
