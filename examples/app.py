@@ -224,16 +224,8 @@ class Searcher:
 
 
 def _stored_features(model, num_keys: int) -> torch.Tensor | None:
-    """`model.stored_image_features` when it is an (N, D) tensor with one row per identifier key, else None."""
-    features = getattr(model, "stored_image_features", None)
-    if features is None:
-        return None
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != num_keys:
-        logger.warning("model.stored_image_features is not an (N=%d, D) tensor (got %s); image-to-image search of "
-                       "collection images uses the vision tower instead", num_keys,
-                       tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__)
-        return None
-    return features
+    """`model.stored_image_features` (one row per identifier key), or None for a checkpoint without them."""
+    return getattr(model, "stored_image_features", None)
 
 
 def respond(searcher: Searcher, search, *args) -> tuple[str, list[list], str]:

@@ -171,7 +171,7 @@ def test_stored_image_features_search_collection_images(app, text_tokenizer, tmp
     corpus = make_synthetic_corpus(8, captions_per_image=2, seed=5)
     model, tokenizer = tiny_retriever(text_tokenizer, corpus, vision=False)
     features = dict(zip(corpus["image_key"], corpus["image_embeds"]))
-    model.stored_image_features = torch.tensor([features[key] for key in tokenizer.keys])
+    model.store_image_features(torch.tensor([features[key] for key in tokenizer.keys]))
     images = app.index_images(write_imagefolder(corpus, tmp_path / "images"), tokenizer.keys)
     searcher = app.Searcher(model, tokenizer, images)
     assert searcher.searches_images and not searcher.takes_uploads
@@ -215,7 +215,6 @@ def test_an_unexpected_failure_becomes_a_message(app, reference, collection):
 def test_a_checkpoint_without_images_gets_no_image_tab(app, text_tokenizer, tmp_path):
     corpus = make_synthetic_corpus(6, captions_per_image=1, seed=6)
     model, tokenizer = tiny_retriever(text_tokenizer, corpus, vision=False)
-    model.stored_image_features = torch.zeros(2, 3)  # wrong number of rows: ignored, with a warning
     images = app.index_images(write_imagefolder(corpus, tmp_path / "images"), tokenizer.keys)
     searcher = app.Searcher(model, tokenizer, images)
     assert not searcher.searches_images
