@@ -135,7 +135,8 @@ class Searcher:
         self.max_query_chars, self.num_beams, self.image_prompt = max_query_chars, num_beams, image_prompt
         vision_config = getattr(model.config, "vision_config", None)
         self.image_processor = build_image_processor(vision_config) if vision_config is not None else None
-        self.stored_features = _stored_features(model, len(tokenizer.keys))
+        # Rows follow tokenizer.keys; None for a checkpoint saved without features.
+        self.stored_features = getattr(model, "stored_image_features", None)
         self.row_of_key = {key: row for row, key in enumerate(tokenizer.keys)}
         self._thumbnails = functools.lru_cache(maxsize=4096)(self._draw_thumbnail)
 
@@ -221,11 +222,6 @@ class Searcher:
         if "queries" not in query:
             query["prompt"] = self.image_prompt
         return self.model.retrieve(tokenizer=self.tokenizer, top_k=top_k, num_beams=self.num_beams, **query)[0]
-
-
-def _stored_features(model, num_keys: int) -> torch.Tensor | None:
-    """`model.stored_image_features` (one row per identifier key), or None for a checkpoint without them."""
-    return getattr(model, "stored_image_features", None)
 
 
 def respond(searcher: Searcher, search, *args) -> tuple[str, list[list], str]:
