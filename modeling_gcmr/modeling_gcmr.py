@@ -456,10 +456,12 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         if frozen:
             encoder.eval()
         try:
+            # Only the given input: some encoders (CLIP's text tower) take no inputs_embeds argument at all.
+            given = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                out = encoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                out = encoder(**given, attention_mask=attention_mask, return_dict=True,
                               output_hidden_states=want_layers or bool(output_hidden_states),
-                              output_attentions=output_attentions, return_dict=True)
+                              output_attentions=output_attentions)
         finally:
             encoder.train(was_training)
         pooled = pool_text(out.last_hidden_state, attention_mask, self.config.query_pooling,

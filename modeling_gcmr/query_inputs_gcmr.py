@@ -82,22 +82,29 @@ def search_limits(top_k: Any, num_beams: Any, default_beams: int, num_identifier
     return top_k, min(max(num_beams, top_k), cap)
 
 
-def tokenize_queries(tokenizer: Any, texts: list[str], limit: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
-    """Token ids of the queries cut to `limit` tokens, padded into tensors, and which queries have a usable token.
+def query_token_ids(tokenizer: Any, texts: list[str], limit: int) -> list[list[int]]:
+    """Token ids of each query, cut to `limit` tokens (or the tokenizer's smaller `model_max_length`).
 
-    The tokenizer's own `model_max_length` lowers the limit when smaller. One warning says when a query is cut.
+    The one truncation policy of the package: training examples, `retrieve()` and the pipeline all call it. One
+    warning says when a query is cut.
     """
     model_max = getattr(tokenizer, "model_max_length", None)
     if _is_int(model_max) and 1 < model_max < limit:
         limit = int(model_max)
     texts = [text[: limit * CHARS_PER_TOKEN] for text in texts]
-    encoded = tokenizer(texts, truncation=False)
-    if max(len(ids) for ids in encoded["input_ids"]) > limit:
+    ids = tokenizer(texts, truncation=False)["input_ids"]
+    if max((len(row) for row in ids), default=0) > limit:
         logger.warning_once(f"queries longer than {limit} tokens are cut to {limit} tokens (the encoder's limit)")
-        encoded = tokenizer(texts, truncation=True, max_length=limit)
+        ids = tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+    return ids
+
+
+def tokenize_queries(tokenizer: Any, texts: list[str], limit: int) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """`query_token_ids` padded into tensors, and which queries have a usable token (not special, not unknown)."""
+    ids = query_token_ids(tokenizer, texts, limit)
     unusable = {tokenizer.unk_token_id, *tokenizer.all_special_ids}
-    usable = [any(token not in unusable for token in ids) for ids in encoded["input_ids"]]
-    return dict(tokenizer.pad(encoded, return_tensors="pt")), usable
+    usable = [any(token not in unusable for token in row) for row in ids]
+    return dict(tokenizer.pad({"input_ids": ids}, return_tensors="pt")), usable
 
 
 def warn_unusable(texts: list[str], usable: list[bool]) -> None:
@@ -138,6 +145,7 @@ __all__ = [
     "as_query_list",
     "check_positive_int",
     "search_limits",
+    "query_token_ids",
     "tokenize_queries",
     "validate_query_texts",
     "warn_unusable",

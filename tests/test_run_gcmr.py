@@ -89,8 +89,12 @@ def test_run_gcmr_rejects_bad_arguments(tmp_path):
     common = ["--output_dir", str(tmp_path), "--do_train", "--synthetic_num_images", "4", *TINY_MODEL]
     with pytest.raises(ValueError, match="--id_options must be a JSON object"):
         run_gcmr.main([*common, "--id_options", "[1, 2]"])
-    with pytest.raises(ValueError, match="--image_input embeds needs a corpus column 'image_embeds'"):
-        run_gcmr.main([*common, "--corpus", str(_captions_only_corpus(tmp_path))])
+    corpus = str(_captions_only_corpus(tmp_path))
+    with pytest.raises(ValueError, match="--image_input embeds needs a corpus column 'image_embeds'.*--image_input pixels"):
+        run_gcmr.main([*common, "--corpus", corpus, "--image_input", "embeds"])
+    # An image folder without features: the default id type needs embeddings, and the error names the flags.
+    with pytest.raises(ValueError, match="no image_embeds column: add --image_encoder dual_encoder"):
+        run_gcmr.main([*common, "--corpus", corpus])
 
 
 def _captions_only_corpus(tmp_path: Path) -> Path:

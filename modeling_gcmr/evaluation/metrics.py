@@ -80,6 +80,30 @@ def write_per_query_results(
     return atomic_write(Path(path), lambda f: f.writelines(lines), mode="w")
 
 
+def read_query_file(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Held-out queries from a JSONL file of `{"query": str, "image_key": str}` rows: (queries, gold keys).
+
+    A row that is not such an object is a ValueError naming the file and the line.
+    """
+    queries, gold = [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not JSON: {error}") from error
+            if not (isinstance(row, dict) and isinstance(row.get("query"), str) and row["query"].strip()
+                    and isinstance(row.get("image_key"), str)):
+                raise ValueError(f'{path} line {number} must be {{"query": "<text>", "image_key": "<key>"}}, got {line.strip()[:80]}')
+            queries.append(row["query"])
+            gold.append(row["image_key"])
+    if not queries:
+        raise ValueError(f"{path} holds no queries")
+    return queries, gold
+
+
 def save_results(path: str | os.PathLike, results: Mapping) -> Path:
     """Write a results dict (metrics, settings) as indented JSON under a temporary name, then rename."""
     text = json.dumps(results, indent=2, sort_keys=True) + "\n"

@@ -23,6 +23,9 @@ import datasets
 import numpy as np
 from transformers.utils import logging
 
+from ..configuration_gcmr import DEFAULT_QUERY_TOKENS
+from ..query_inputs_gcmr import query_token_ids
+
 MEMORIZE, RETRIEVE = "memorize", "retrieve"
 IMAGE_COLUMNS = ("image", "image_embeds")
 
@@ -64,7 +67,6 @@ class TrainingExamplesConfig:
     phase_epochs: int = field(
         default=1, metadata={"help": "Sequential schedule: passes over each phase inside one Trainer epoch."}
     )
-    max_query_length: int = field(default=64, metadata={"help": "Queries are truncated to this many tokens."})
     seed: int = field(default=0, metadata={"help": "Seed of ratio sampling and shuffling."})
 
     def __post_init__(self):
@@ -77,8 +79,6 @@ class TrainingExamplesConfig:
             raise ValueError("memorize_ratio and retrieve_ratio are both 0: there would be no training example")
         if self.phase_epochs < 1:
             raise ValueError(f"phase_epochs must be >= 1, got {self.phase_epochs}")
-        if self.max_query_length < 2:
-            raise ValueError(f"max_query_length must be >= 2, got {self.max_query_length}")
         if self.train_splits is not None:
             self.train_splits = tuple(self.train_splits)
 
@@ -88,13 +88,15 @@ def build_training_examples(
     tokenizer,
     config: TrainingExamplesConfig | None = None,
     pseudo_queries: Mapping[str, Sequence[str]] | None = None,
+    query_token_limit: int = DEFAULT_QUERY_TOKENS,
 ) -> datasets.Dataset:
     """Memorize and retrieve rows for `corpus` (columns from `load_corpus`), labelled by `tokenizer` (`ImageIdTokenizer`).
 
     Rows carry `task`, `image_key`, `input_ids` (the query, or the memorize prompt), `labels` (identifier ids +
     EOS) and the corpus' image columns (`image` and/or `image_embeds`: filled for memorize rows, None for
     retrieve rows). `pseudo_queries` maps image keys to extra queries (e.g. generated captions); they add to a
-    `pseudo_queries` column when the corpus has one.
+    `pseudo_queries` column when the corpus has one. Queries are cut as search cuts them: pass the model's
+    `config.query_token_limit`.
     """
     config = config or TrainingExamplesConfig()
     _check_corpus(corpus, config)
@@ -107,10 +109,13 @@ def build_training_examples(
     query_pairs = [(key, text) for key in keys for text in queries[key]]
     retrieve_pairs = [query_pairs[i] for i in np.repeat(np.arange(len(query_pairs)), _copies(len(query_pairs), config.retrieve_ratio, rng))]
 
-    memorize = _memorize_rows(corpus, memorize_rows, tokenizer, labels, config)
-    retrieve = _retrieve_rows(retrieve_pairs, tokenizer, labels, config, memorize.features)
+    memorize = _memorize_rows(corpus, memorize_rows, tokenizer, labels, config, query_token_limit)
+    retrieve = _retrieve_rows(retrieve_pairs, tokenizer, labels, query_token_limit, memorize.features)
+    if not len(memorize) + len(retrieve):
+        raise ValueError("no training example: the ratios and the corpus leave no memorize and no retrieve row")
     if config.schedule == "joint":
-        return datasets.concatenate_datasets([memorize, retrieve]).shuffle(seed=config.seed).flatten_indices()
+        parts = [part for part in (memorize, retrieve) if len(part)]
+        return datasets.concatenate_datasets(parts).shuffle(seed=config.seed).flatten_indices()
     phases = [
         phase.shuffle(seed=config.seed + epoch)
         for phase in (memorize, retrieve)
@@ -120,13 +125,13 @@ def build_training_examples(
     return datasets.concatenate_datasets(phases).flatten_indices()
 
 
-def build_query_examples(queries: Sequence[str], gold_keys: Sequence[str], tokenizer, max_query_length: int = 64) -> datasets.Dataset:
+def build_query_examples(queries: Sequence[str], gold_keys: Sequence[str], tokenizer,
+                         query_token_limit: int = DEFAULT_QUERY_TOKENS) -> datasets.Dataset:
     """Retrieve rows for held-out queries (e.g. `split_captions(...).queries`), used as the Trainer's eval_dataset."""
     if len(queries) != len(gold_keys):
         raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
-    config = TrainingExamplesConfig(max_query_length=max_query_length)
     labels = dict(zip(gold_keys, tokenizer.encode_identifiers(list(dict.fromkeys(gold_keys)))))
-    return _retrieve_rows(list(zip(gold_keys, queries)), tokenizer, labels, config, None)
+    return _retrieve_rows(list(zip(gold_keys, queries)), tokenizer, labels, query_token_limit, None)
 
 
 def _check_corpus(corpus: datasets.Dataset, config: TrainingExamplesConfig) -> None:
@@ -165,24 +170,22 @@ def _copies(count: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     return whole + (rng.random(count) < fraction).astype(np.int64)
 
 
-def _encode_queries(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+def _encode_queries(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
+    return query_token_ids(tokenizer, texts, limit) if texts else []
 
 
-def _memorize_rows(corpus, rows: np.ndarray, tokenizer, labels, config) -> datasets.Dataset:
+def _memorize_rows(corpus, rows: np.ndarray, tokenizer, labels, config, limit: int) -> datasets.Dataset:
     image_columns = [name for name in IMAGE_COLUMNS if name in corpus.column_names]
     memorize = corpus.select_columns(["image_key", *image_columns]).select(rows.tolist())
     keys = memorize["image_key"]
-    prompt = _encode_queries(tokenizer, [config.memorize_prompt], config.max_query_length)[0]
+    prompt = _encode_queries(tokenizer, [config.memorize_prompt], limit)[0]
     memorize = memorize.add_column("task", [MEMORIZE] * len(keys))
     memorize = memorize.add_column("input_ids", [prompt] * len(keys), feature=datasets.Sequence(datasets.Value("int32")))
     memorize = memorize.add_column("labels", [labels[k] for k in keys], feature=datasets.Sequence(datasets.Value("int32")))
     return memorize.select_columns(["task", "image_key", "input_ids", "labels", *image_columns]).flatten_indices()
 
 
-def _retrieve_rows(pairs, tokenizer, labels, config, image_features) -> datasets.Dataset:
+def _retrieve_rows(pairs, tokenizer, labels, limit: int, image_features) -> datasets.Dataset:
     keys = [key for key, _ in pairs]
     features = {
         "task": datasets.Value("string"),
@@ -193,7 +196,7 @@ def _retrieve_rows(pairs, tokenizer, labels, config, image_features) -> datasets
     data: dict[str, list[Any]] = {
         "task": [RETRIEVE] * len(keys),
         "image_key": keys,
-        "input_ids": _encode_queries(tokenizer, [text for _, text in pairs], config.max_query_length),
+        "input_ids": _encode_queries(tokenizer, [text for _, text in pairs], limit),
         "labels": [labels[k] for k in keys],
     }
     for name in IMAGE_COLUMNS:
