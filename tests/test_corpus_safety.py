@@ -106,7 +106,7 @@ def test_image_paths_outside_the_corpus_folder_are_bad_rows(outside, file):
     assert trusted["image_key"] == [r["image_key"] for r in rows] and len(trusted) == 7
 
 
-def test_csv_and_jsonl_locations_are_file_lines(outside):
+def test_csv_locations_count_the_lines_of_quoted_cells(outside):
     corpus = outside["corpus"]
     _png(corpus / "ok.png")
     (corpus / "c.csv").write_text('image,caption\nok.png,"two\nlines"\n../private.png,b\n')
@@ -282,10 +282,16 @@ def test_malformed_json_files(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"image_embeds": [1.0], "caption": "a"}, "x.png"]))
     with pytest.raises(CorpusValidationError, match=r"row 1 \(c.json item 1\): the item is a JSON string"):
         load_corpus(tmp_path / "c.json")
-    # A .json file of JSON lines is read as JSON lines, as `datasets` does.
+    # As `datasets` does: a .json file of JSON lines is read as JSON lines, and a .jsonl file holding a
+    # pretty-printed list as that list.
     _write(tmp_path / "d.jsonl", [{"image_embeds": [1.0], "caption": "a"}, {"image_embeds": [2.0], "caption": "b"}])
     (tmp_path / "d.jsonl").rename(tmp_path / "d.json")
     assert len(load_corpus(tmp_path / "d.json")) == 2
+    (tmp_path / "e.jsonl").write_text(json.dumps([{"image_embeds": [1.0], "caption": "a"}], indent=2))
+    assert load_corpus(tmp_path / "e.jsonl")["captions"] == [["a"]]
+    (tmp_path / "f.jsonl").write_text(json.dumps({"image_embeds": [1.0], "caption": "a"}, indent=2))
+    with pytest.raises(ValueError, match=r"'.*f.jsonl' holds a JSON object \(keys \['caption', 'image_embeds'\]\)"):
+        load_corpus(tmp_path / "f.jsonl")
 
 
 def test_unreadable_json_lines_are_bad_rows_with_the_rest(tmp_path):
@@ -323,6 +329,9 @@ def test_malformed_csv_rows(tmp_path):
     (tmp_path / "d.csv").write_text("image,caption,image\na.png,a,b.png\n")
     with pytest.raises(ValueError, match=r"the CSV header repeats column\(s\) \['image'\]"):
         load_corpus(tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_text("image;caption\na.png;a\n")  # a spreadsheet's export in some locales
+    with pytest.raises(ValueError, match=r"the CSV header has one column 'image;caption'; separate columns with commas"):
+        load_corpus(tmp_path / "e.csv")
 
 
 def test_image_values_that_are_not_image_files(tmp_path):
@@ -370,6 +379,15 @@ def test_split_column_of_a_file_selects_rows(tmp_path):
     assert len(load_corpus(plain, split="train")) == 1
     with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]"):
         load_corpus(plain, split="test")
+    # In memory, the same rules: a split column selects rows; without one, the corpus is the split 'train'.
+    for source in (rows, datasets.Dataset.from_list([{**r, "split": str(r["split"])} for r in rows])):
+        assert load_corpus(source, split="test")["image_embeds"] == [[1.0]]
+        with pytest.raises(ValueError, match=r"has no split 'validation'; its split column holds \['1', 'test', 'train'\]"):
+            load_corpus(source, split="validation")
+    for source in ([{"image_embeds": [1.0], "caption": "a"}], datasets.Dataset.from_list([{"image_embeds": [1.0], "caption": "a"}])):
+        assert len(load_corpus(source, split="train")) == 1
+        with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]"):
+            load_corpus(source, split="test")
 
 
 def test_imagefolder_metadata_problems(tmp_path):

@@ -137,7 +137,7 @@ def read_imagefolder(folder: Path) -> CorpusTable:
             raise ValueError(
                 f"corpus folder {shown}: split {str(split)!r} has {len(images)} image(s) but no metadata file "
                 f"({', '.join(METADATA_FILES)}) giving their captions, such as a metadata.jsonl with lines like "
-                '{"file_name": "cat.png", "captions": ["a cat"]}'
+                '{"file_name": "cat.png", "captions": ["a cat"]}; with split sub-folders, each needs its own'
             )
         if len({m.suffix for m in metadata}) > 1:
             raise ValueError(
@@ -186,6 +186,8 @@ def _read_rows(path: Path, shown: str) -> tuple[list[dict], list[str], dict[int,
         return _read_csv(path, shown)
     if suffix == ".parquet":
         return _read_parquet(path, shown)
+    # `datasets` reads either JSON form from either suffix: a .json file of JSON lines, a .jsonl file holding one
+    # (pretty-printed) list. The suffix only says which form to try first.
     if suffix == ".json":
         text = "".join(line for _, line in _lines(path))
         try:
@@ -196,9 +198,16 @@ def _read_rows(path: Path, shown: str) -> tuple[list[dict], list[str], dict[int,
                     f"corpus file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column "
                     f"{error.colno}"
                 ) from None
-            return _read_json_lines(path, shown)  # `datasets` reads a .json file of JSON lines too
+            return _read_json_lines(path, shown)
         return _records_of_document(document, path, shown)
-    return _read_json_lines(path, shown)
+    records, locations, problems = _read_json_lines(path, shown)
+    if 0 in problems:
+        try:
+            document = json.loads("".join(line for _, line in _lines(path)))
+        except json.JSONDecodeError:
+            return records, locations, problems
+        return _records_of_document(document, path, shown)
+    return records, locations, problems
 
 
 def _read_json_lines(path: Path, shown: str) -> tuple[list[dict], list[str], dict[int, str]]:
@@ -261,6 +270,10 @@ def _csv_records(reader: Any, path: Path, shown: str) -> tuple[list[dict], list[
     header = next(reader, None)
     if not header:
         return [], [], {}
+    if len(header) == 1 and any(mark in header[0] for mark in ";\t|"):
+        raise ValueError(
+            f"corpus file {str(path)!r}: the CSV header has one column {header[0]!r}; separate columns with commas"
+        )
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"corpus file {str(path)!r}: the CSV header repeats column(s) {repeated}")

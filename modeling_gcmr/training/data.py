@@ -4,34 +4,42 @@ API (stable; the training code and the examples build on it):
 
     load_corpus(source, *, split=None, image_column="image", caption_column=None, key_column="image_key",
                 embeds_column="image_embeds", image_embed_dim=None, skip_bad_rows=False,
-                verify_images=True) -> datasets.Dataset
+                verify_images=True, allow_paths_outside_corpus=False) -> datasets.Dataset
     split_captions(corpus, num_query_captions=1) -> CaptionSplit(train, queries, gold)
-    CorpusValidationError(ValueError) with `.problems: list[BadRow]`; BadRow(row, key, path, reason)
+    CorpusValidationError(ValueError) with `.problems: list[BadRow]`;
+    BadRow(row, key, path, reason, location=None)     # location: 'metadata.jsonl line 4' for files
 
 `source` is one of
-  * a folder: an `imagefolder` with `metadata.jsonl` (the Hub convention: a `file_name` column next to
-    the images; sub-folders such as `train/` and `test/` become splits);
+  * a folder: an `imagefolder` with `metadata.jsonl` (or `.csv`, `.parquet`; the Hub convention: a
+    `file_name` column next to the images; sub-folders such as `train/` and `test/` become splits);
   * a `.jsonl`/`.json`/`.csv` file whose image column (`image`, or `file_name`) holds paths relative
-    to the file; in a CSV, a `captions` cell may hold a JSON list of strings;
+    to the file; in a CSV, a `captions` or `image_embeds` cell may hold a JSON list;
   * an in-memory `datasets.Dataset`/`DatasetDict` or a list of dicts (images as PIL images, `datasets`
     Image values, or paths);
   * a Hub dataset name (only when not offline: with `HF_HUB_OFFLINE=1` that is a clear error).
+Local files are read by corpus_files.py (UTF-8, line by line) and each cell is checked by corpus_values.py.
+Image paths of a corpus file or folder must stay inside its folder, symlinks followed, unless
+`allow_paths_outside_corpus=True`; in-memory sources have no folder and their paths are taken as given.
 
 The returned dataset has exactly these columns:
-  * `image_key` (str, unique). Taken from `key_column` when present (a repeated key is a bad row).
-    Otherwise derived from the image file: its stem when that stem is unique in the corpus, else its path
-    relative to the corpus folder without the suffix (`train/cat`), else with it (`train/cat.png`).
+  * `image_key` (str, unique). Taken from `key_column` when present (strings or integers; a repeated key is a
+    bad row). Otherwise derived from the image file: its stem when that stem is unique in the corpus, else its
+    path relative to the corpus folder without the suffix (`train/cat`), else with it (`train/cat.png`).
     Images without a file name (in-memory bytes) and rows without images get `image_000042` (the row
     number).
-  * `captions` (list[str], stripped, at least one), from `captions` (list) or `caption` (str).
+  * `captions` (list[str], stripped, at least one), from `captions` or `caption`; either may hold a string
+    (one caption) or a list of strings, row by row.
   * `image` (`datasets.Image()`: decodes to PIL) and/or `image_embeds` (float32 list, one width).
   * `split` (str), only when the source had several splits and `split=None` merged them, or when the
     source had a `split` column.
 
-Every bad row (missing file, unreadable or truncated image, duplicate key, empty or missing caption,
-embedding of the wrong width or with NaN/inf) is reported at once in one `CorpusValidationError`
-naming the row (0-based, in the selected split), key, path and reason. With `skip_bad_rows=True` these
-rows are dropped instead and a warning says how many and which; never silently.
+Every bad row (an unreadable line, missing file, path outside the corpus, unreadable or truncated image,
+image over PIL's decompression-bomb limit, duplicate or mistyped key, empty, missing or mistyped caption,
+embedding of the wrong width, with a non-number, NaN/inf, or a value float32 cannot hold) is reported at once
+in one `CorpusValidationError` naming the row (0-based, in the selected split), file and line, key, path and
+reason. With `skip_bad_rows=True` these rows are dropped instead and a warning says how many and which; never
+silently. A file that cannot be read at all (not UTF-8, not JSON, empty, no metadata) raises `ValueError`
+naming it, and the line where that applies.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from typing import Any
 
 import datasets
 
-from .corpus_files import TABLE_SUFFIXES, CorpusTable, read_corpus_file, read_imagefolder, table_of_records
+from .corpus_files import DEFAULT_SPLIT, TABLE_SUFFIXES, CorpusTable, read_corpus_file, read_imagefolder, table_of_records
 from .corpus_values import (
     check_keys,
     embedding_vector,
@@ -297,12 +305,14 @@ def split_captions(corpus: datasets.Dataset, num_query_captions: int = 1) -> Cap
 def _load_raw(source: Any, split: str | None) -> tuple[CorpusTable, str]:
     """Return (the rows of the selected split, a name for messages)."""
     if isinstance(source, list):
-        return _table_of_list(source), "<list of dicts>"
+        name = "<list of dicts>"
+        return _table_of_list(source).select_split(split, name), name
     if isinstance(source, datasets.Dataset):
-        return _table_of_dataset(source, split), "<in-memory Dataset>"
+        name = "<in-memory Dataset>"
+        return _table_of_dataset(source, split, name), name
     if isinstance(source, datasets.DatasetDict):
         name = "<in-memory DatasetDict>"
-        return _table_of_dataset(_select_split(source, split, name), split), name
+        return _table_of_dataset(_select_split(source, split, name), None, name), name
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             "load_corpus: source must be a folder or file path, a datasets.Dataset or DatasetDict, or a list of "
@@ -327,7 +337,7 @@ def _load_raw(source: Any, split: str | None) -> tuple[CorpusTable, str]:
             f"corpus {name} is not a local folder or file, and Hub datasets cannot be loaded offline "
             "(HF_HUB_OFFLINE is set); pass a local imagefolder, .jsonl/.csv file or datasets.Dataset"
         )
-    return _table_of_dataset(_select_split(datasets.load_dataset(text), split, name), split), name
+    return _table_of_dataset(_select_split(datasets.load_dataset(text), split, name), None, name), name
 
 
 def _table_of_list(items: list) -> CorpusTable:
@@ -361,9 +371,16 @@ class _DatasetColumns(Mapping):
         return len(self._dataset.column_names)
 
 
-def _table_of_dataset(dataset: datasets.Dataset, split: str | None) -> CorpusTable:
+def _table_of_dataset(dataset: datasets.Dataset, split: str | None, name: str) -> CorpusTable:
+    """The rows of a Dataset; `split` selects by its `split` column (without one, the dataset is split 'train')."""
     if split is not None and "split" in dataset.column_names:
-        dataset = dataset.filter(lambda s: s == split, input_columns="split")
+        selected = dataset.filter(lambda label: str(label) == split, input_columns="split")
+        if not len(selected):
+            held = sorted({str(label) for label in dataset["split"]})
+            raise ValueError(f"corpus {name} has no split {split!r}; its split column holds {held}")
+        dataset = selected
+    elif split not in (None, DEFAULT_SPLIT):
+        raise ValueError(f"corpus {name} has no split {split!r}; it has ['{DEFAULT_SPLIT}']")
     return CorpusTable(columns=_DatasetColumns(dataset), num_rows=len(dataset))
 
 
