@@ -119,7 +119,8 @@ def test_csv_locations_count_the_lines_of_quoted_cells(outside):
 def test_corpus_arguments_pass_the_opt_in(outside):
     corpus = outside["corpus"]
     _png(corpus / "ok.png")
-    path = _write(corpus / "c.jsonl", [{"image": "ok.png", "caption": "a"}, {"image": "../private.png", "caption": "b"}])
+    rows = [{"image": "ok.png", "caption": "a"}, {"image": "../private.png", "caption": "b"}]
+    path = _write(corpus / "c.jsonl", rows)
     (args,) = HfArgumentParser(CorpusArguments).parse_args_into_dataclasses(["--corpus", str(path)])
     assert args.allow_paths_outside_corpus is False
     with pytest.raises(CorpusValidationError, match="outside the corpus folder"):
@@ -252,7 +253,10 @@ def test_wrong_key_and_caption_types_name_row_and_column(tmp_path):
     ],
 )
 def test_embeddings_that_do_not_fit_float32_are_bad_rows(tmp_path, vector, reason):
-    rows = [{"image_embeds": [1.0, 2.0], "caption": "a", "image_key": "x"}, {"image_embeds": vector, "caption": "b", "image_key": "y"}]
+    rows = [
+        {"image_embeds": [1.0, 2.0], "caption": "a", "image_key": "x"},
+        {"image_embeds": vector, "caption": "b", "image_key": "y"},
+    ]
     for source in (rows, _write(tmp_path / "c.jsonl", rows)):
         with pytest.raises(CorpusValidationError) as info:
             load_corpus(source)
@@ -273,10 +277,11 @@ def test_embeddings_as_arrays_and_csv_json_text(tmp_path):
 
 def test_malformed_json_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"data": [{"image_embeds": [1.0], "caption": "a"}]}))
-    with pytest.raises(ValueError, match=r"holds a JSON object \(keys \['data'\]; the records seem to be under 'data'\); "
-                                         r"expected a list of records"):
+    nested = r"holds a JSON object \(keys \['data'\]; the records seem to be under 'data'\); expected a list of records"
+    with pytest.raises(ValueError, match=nested):
         load_corpus(tmp_path / "a.json")
-    (tmp_path / "b.json").write_text('[{"image_embeds": [1.0], "caption": "a"},\n {"image_embeds": [2.0] "caption": "b"}]')
+    broken = '[{"image_embeds": [1.0], "caption": "a"},\n {"image_embeds": [2.0] "caption": "b"}]'
+    (tmp_path / "b.json").write_text(broken)
     with pytest.raises(ValueError, match=r"'.*b.json' is not valid JSON: Expecting ',' delimiter at line 2, column 25"):
         load_corpus(tmp_path / "b.json")
     (tmp_path / "c.json").write_text(json.dumps([{"image_embeds": [1.0], "caption": "a"}, "x.png"]))
@@ -330,7 +335,7 @@ def test_malformed_csv_rows(tmp_path):
     with pytest.raises(ValueError, match=r"the CSV header repeats column\(s\) \['image'\]"):
         load_corpus(tmp_path / "d.csv")
     (tmp_path / "e.csv").write_text("image;caption\na.png;a\n")  # a spreadsheet's export in some locales
-    with pytest.raises(ValueError, match=r"the CSV header has one column 'image;caption'; separate columns with commas"):
+    with pytest.raises(ValueError, match=r"the CSV header has one column 'image;caption'; separate columns with comma"):
         load_corpus(tmp_path / "e.csv")
 
 
@@ -368,8 +373,11 @@ def test_bad_in_memory_sources(tmp_path):
 
 
 def test_split_column_of_a_file_selects_rows(tmp_path):
-    rows = [{"image_embeds": [1.0], "caption": "a", "split": "test"}, {"image_embeds": [2.0], "caption": "b", "split": 1},
-            {"image_embeds": [3.0], "caption": "c", "split": "train"}]
+    rows = [
+        {"image_embeds": [1.0], "caption": "a", "split": "test"},
+        {"image_embeds": [2.0], "caption": "b", "split": 1},
+        {"image_embeds": [3.0], "caption": "c", "split": "train"},
+    ]
     path = _write(tmp_path / "c.jsonl", rows)
     assert load_corpus(path, split="test")["image_embeds"] == [[1.0]]
     assert load_corpus(path, split="1")["image_embeds"] == [[2.0]]
@@ -382,9 +390,10 @@ def test_split_column_of_a_file_selects_rows(tmp_path):
     # In memory, the same rules: a split column selects rows; without one, the corpus is the split 'train'.
     for source in (rows, datasets.Dataset.from_list([{**r, "split": str(r["split"])} for r in rows])):
         assert load_corpus(source, split="test")["image_embeds"] == [[1.0]]
-        with pytest.raises(ValueError, match=r"has no split 'validation'; its split column holds \['1', 'test', 'train'\]"):
+        with pytest.raises(ValueError, match=r"no split 'validation'; its split column holds \['1', 'test', 'train'\]"):
             load_corpus(source, split="validation")
-    for source in ([{"image_embeds": [1.0], "caption": "a"}], datasets.Dataset.from_list([{"image_embeds": [1.0], "caption": "a"}])):
+    one_row = [{"image_embeds": [1.0], "caption": "a"}]
+    for source in (one_row, datasets.Dataset.from_list(one_row)):
         assert len(load_corpus(source, split="train")) == 1
         with pytest.raises(ValueError, match=r"has no split 'test'; it has \['train'\]"):
             load_corpus(source, split="test")

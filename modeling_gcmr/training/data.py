@@ -53,7 +53,14 @@ from typing import Any
 
 import datasets
 
-from .corpus_files import DEFAULT_SPLIT, TABLE_SUFFIXES, CorpusTable, read_corpus_file, read_imagefolder, table_of_records
+from .corpus_files import (
+    DEFAULT_SPLIT,
+    TABLE_SUFFIXES,
+    CorpusTable,
+    read_corpus_file,
+    read_imagefolder,
+    table_of_records,
+)
 from .corpus_values import (
     check_keys,
     embedding_vector,
