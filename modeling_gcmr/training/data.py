@@ -4,72 +4,94 @@ API (stable; the training code and the examples build on it):
 
     load_corpus(source, *, split=None, image_column="image", caption_column=None, key_column="image_key",
                 embeds_column="image_embeds", image_embed_dim=None, skip_bad_rows=False,
-                verify_images=True) -> datasets.Dataset
+                verify_images=True, allow_paths_outside_corpus=False) -> datasets.Dataset
     split_captions(corpus, num_query_captions=1) -> CaptionSplit(train, queries, gold)
-    CorpusValidationError(ValueError) with `.problems: list[BadRow]`; BadRow(row, key, path, reason)
+    CorpusValidationError(ValueError) with `.problems: list[BadRow]`;
+    BadRow(row, key, path, reason, location=None)     # location: 'metadata.jsonl line 4' for files
 
 `source` is one of
-  * a folder: an `imagefolder` with `metadata.jsonl` (the Hub convention: a `file_name` column next to
-    the images; sub-folders such as `train/` and `test/` become splits);
+  * a folder: an `imagefolder` with `metadata.jsonl` (or `.csv`, `.parquet`; the Hub convention: a
+    `file_name` column next to the images; sub-folders such as `train/` and `test/` become splits);
   * a `.jsonl`/`.json`/`.csv` file whose image column (`image`, or `file_name`) holds paths relative
-    to the file; in a CSV, a `captions` cell may hold a JSON list of strings;
+    to the file; in a CSV, a `captions` or `image_embeds` cell may hold a JSON list;
   * an in-memory `datasets.Dataset`/`DatasetDict` or a list of dicts (images as PIL images, `datasets`
     Image values, or paths);
   * a Hub dataset name (only when not offline: with `HF_HUB_OFFLINE=1` that is a clear error).
+Local files are read by corpus_files.py (UTF-8, line by line) and each cell is checked by corpus_values.py.
+Image paths of a corpus file or folder must stay inside its folder, symlinks followed, unless
+`allow_paths_outside_corpus=True`; in-memory sources have no folder and their paths are taken as given.
 
 The returned dataset has exactly these columns:
-  * `image_key` (str, unique). Taken from `key_column` when present (a repeated key is a bad row).
-    Otherwise derived from the image file: its stem when that stem is unique in the corpus, else its path
-    relative to the corpus folder without the suffix (`train/cat`), else with it (`train/cat.png`).
+  * `image_key` (str, unique). Taken from `key_column` when present (strings or integers; a repeated key is a
+    bad row). Otherwise derived from the image file: its stem when that stem is unique in the corpus, else its
+    path relative to the corpus folder without the suffix (`train/cat`), else with it (`train/cat.png`).
     Images without a file name (in-memory bytes) and rows without images get `image_000042` (the row
     number).
-  * `captions` (list[str], stripped, at least one), from `captions` (list) or `caption` (str).
+  * `captions` (list[str], stripped, at least one), from `captions` or `caption`; either may hold a string
+    (one caption) or a list of strings, row by row.
   * `image` (`datasets.Image()`: decodes to PIL) and/or `image_embeds` (float32 list, one width).
   * `split` (str), only when the source had several splits and `split=None` merged them, or when the
     source had a `split` column.
 
-Every bad row (missing file, unreadable or truncated image, duplicate key, empty or missing caption,
-embedding of the wrong width or with NaN/inf) is reported at once in one `CorpusValidationError`
-naming the row (0-based, in the selected split), key, path and reason. With `skip_bad_rows=True` these
-rows are dropped instead and a warning says how many and which; never silently.
+Every bad row (an unreadable line, missing file, path outside the corpus, unreadable or truncated image,
+image over PIL's decompression-bomb limit, duplicate or mistyped key, empty, missing or mistyped caption,
+embedding of the wrong width, with a non-number, NaN/inf, or a value float32 cannot hold) is reported at once
+in one `CorpusValidationError` naming the row (0-based, in the selected split), file and line, key, path and
+reason. With `skip_bad_rows=True` these rows are dropped instead and a warning says how many and which; never
+silently. A file that cannot be read at all (not UTF-8, not JSON, empty, no metadata) raises `ValueError`
+naming it, and the line where that applies.
 """
 from __future__ import annotations
 
 import collections
-import io
-import json
-import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
 
-_TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+from .corpus_files import (
+    DEFAULT_SPLIT,
+    TABLE_SUFFIXES,
+    CorpusTable,
+    read_corpus_file,
+    read_imagefolder,
+    table_of_records,
+)
+from .corpus_values import (
+    check_keys,
+    embedding_vector,
+    embedding_width_problems,
+    image_problem,
+    image_ref,
+    parse_captions,
+)
+
 # In error messages, list at most this many bad rows; the exception object still holds all of them.
 _MAX_LISTED = 50
 
 
 @dataclass(frozen=True)
 class BadRow:
-    """One row that failed validation: its 0-based row number, key, image path and the reason."""
+    """One row that failed validation: its 0-based row number, key, image path, the reason, and (for files) where
+    it was read, such as 'metadata.jsonl line 4'."""
 
     row: int
     key: str | None
     path: str | None
     reason: str
+    location: str | None = None
 
     def __str__(self) -> str:
-        where = f"row {self.row}"
+        details = [self.location] if self.location else []
         if self.key is not None:
-            where += f" (key {self.key!r}"
-            where += f", path {self.path!r})" if self.path else ")"
-        elif self.path:
-            where += f" (path {self.path!r})"
+            details.append(f"key {self.key!r}")
+        if self.path:
+            details.append(f"path {self.path!r}")
+        where = f"row {self.row}" + (f" ({', '.join(details)})" if details else "")
         return f"{where}: {self.reason}"
 
 
@@ -108,6 +130,7 @@ def load_corpus(
     image_embed_dim: int | None = None,
     skip_bad_rows: bool = False,
     verify_images: bool = True,
+    allow_paths_outside_corpus: bool = False,
 ) -> datasets.Dataset:
     """Load and validate an image-caption corpus; see the module docstring for sources and columns.
 
@@ -120,13 +143,22 @@ def load_corpus(
         embeds_column: column with precomputed image features.
         image_embed_dim: expected feature width; `None` takes the most common width in the corpus.
         skip_bad_rows: drop bad rows with a warning instead of raising `CorpusValidationError`.
-        verify_images: decode every image fully with PIL (finds truncated files); `False` only checks existence.
+        verify_images: decode every image fully with PIL (finds truncated files and images over PIL's
+            decompression-bomb limit); `False` only checks that the files exist.
+        allow_paths_outside_corpus: read image paths of a corpus file or folder that lead outside its folder
+            (`..`, absolute paths, `~`, symlinks pointing out). By default such a row is bad.
     """
-    raw, base_dir, name = _load_raw(source, split)
-    if split is not None and "split" in raw.column_names:
-        raw = raw.filter(lambda s: s == split, input_columns="split")
-    columns = raw.column_names
-    if image_column not in columns and base_dir is not None and "file_name" in columns:
+    positive = isinstance(image_embed_dim, int) and not isinstance(image_embed_dim, bool) and image_embed_dim > 0
+    if image_embed_dim is not None and not positive:
+        raise ValueError(f"image_embed_dim must be a positive integer, got {image_embed_dim!r}")
+    raw, name = _load_raw(source, split)
+    if not len(raw):
+        raise ValueError(f"corpus {name} holds no rows")
+    if len(raw.problems) == len(raw):  # not one row could be read: there are no columns to check
+        unreadable_rows = [BadRow(r, None, None, why, raw.location(r)) for r, why in raw.problems.items()]
+        raise CorpusValidationError(name, unreadable_rows)
+    columns = list(raw.columns)
+    if image_column not in columns and raw.root is not None and "file_name" in columns:
         image_column = "file_name"
     has_images, has_embeds = image_column in columns, embeds_column in columns
     if not (has_images or has_embeds):
@@ -142,30 +174,44 @@ def load_corpus(
         )
 
     n = len(raw)
+    unreadable = raw.problems
     problems: dict[int, list[str]] = collections.defaultdict(list)
-    images = _image_refs(raw, image_column, base_dir) if has_images else [None] * n
-    paths = [ref["path"] if ref else None for ref in images]
+    for row, reason in unreadable.items():
+        problems[row].append(reason)
+    readable = [row for row in range(n) if row not in unreadable]
+    images: list[dict | None] = [None] * n
     if has_images:
-        for row, ref in enumerate(images):
-            reason = _image_problem(ref, verify_images)
+        confine_to = None if allow_paths_outside_corpus else raw.root
+        values = raw.columns[image_column]
+        for row in readable:
+            images[row], reason = image_ref(values[row], image_column, raw.image_dir(row), confine_to)
+            reason = reason or image_problem(images[row], verify_images)
             if reason:
                 problems[row].append(reason)
-    embeds = raw[embeds_column] if has_embeds else None
-    if embeds is not None:
-        for row, reason in _embedding_problems(embeds, image_embed_dim).items():
+    paths = [ref["path"] if ref else None for ref in images]
+    vectors: list[list | None] = [None] * n
+    if has_embeds:
+        values = raw.columns[embeds_column]
+        for row in readable:
+            vectors[row], reason = embedding_vector(values[row], embeds_column)
+            if reason:
+                problems[row].append(reason)
+        for row, reason in embedding_width_problems(vectors, image_embed_dim).items():
             problems[row].append(reason)
-    captions = []
-    for row, value in enumerate(raw[caption_column]):
-        parsed, reason = _parse_captions(value)
-        captions.append(parsed)
+    captions: list[list[str]] = [[] for _ in range(n)]
+    for row in readable:
+        captions[row], reason = parse_captions(raw.columns[caption_column][row], caption_column)
+        if reason == "missing caption":
+            reason = _missing_caption(raw, row, caption_column)
         if reason:
             problems[row].append(reason)
     # Derived keys can only repeat when one file is listed twice, which is a duplicate row as well.
-    keys, key_problems = _check_keys(raw[key_column] if key_column in columns else _derived_keys(paths, base_dir))
+    key_values = raw.columns[key_column] if key_column in columns else _derived_keys(paths, raw.root)
+    keys, key_problems = check_keys(key_values, key_column, unreadable)
     for row, reason in key_problems.items():
         problems[row].append(reason)
 
-    bad = [BadRow(row, keys[row], paths[row], "; ".join(problems[row])) for row in sorted(problems)]
+    bad = [BadRow(r, keys[r], paths[r], "; ".join(problems[r]), raw.location(r)) for r in sorted(problems)]
     if bad and not skip_bad_rows:
         raise CorpusValidationError(name, bad)
     if bad:
@@ -180,13 +226,21 @@ def load_corpus(
     if has_images:
         data["image"] = [images[r] for r in good]
         features["image"] = datasets.Image()
-    if embeds is not None:
-        data["image_embeds"] = [embeds[r] for r in good]
+    if has_embeds:
+        data["image_embeds"] = [vectors[r] for r in good]
         features["image_embeds"] = datasets.Sequence(datasets.Value("float32"))
     if "split" in columns:
-        data["split"] = [str(s) for s in (raw["split"][r] for r in good)]
+        data["split"] = [str(raw.columns["split"][r]) for r in good]
         features["split"] = datasets.Value("string")
     return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
+
+def _missing_caption(raw: CorpusTable, row: int, column: str) -> str:
+    """Why a row has no caption; a row that holds the other caption column (a typo between rows) is told so."""
+    other = {"captions": "caption", "caption": "captions"}.get(column)
+    if other in raw.columns and raw.columns[other][row] is not None:
+        return f"missing caption in column {column!r} (this row has {other!r}; use one caption column for all rows)"
+    return "missing caption"
 
 
 @dataclass
@@ -199,6 +253,13 @@ class CorpusArguments:
     )
     corpus_split: str | None = field(default=None, metadata={"help": "Keep only this split of the corpus."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Drop invalid corpus rows (with a warning) instead of failing."})
+    allow_paths_outside_corpus: bool = field(
+        default=False,
+        metadata={
+            "help": "Read image paths that lead outside the corpus file's folder or the imagefolder ('..', absolute "
+            "paths, '~', symlinks pointing out). By default such rows are bad: only for corpora you trust."
+        },
+    )
     synthetic_num_images: int = field(default=200, metadata={"help": "Images of the synthetic corpus."})
     synthetic_image_size: int = field(default=32, metadata={"help": "Side of the synthetic images in pixels."})
     synthetic_captions_per_image: int = field(default=3, metadata={"help": "Captions per synthetic image."})
@@ -208,7 +269,12 @@ class CorpusArguments:
     def load(self) -> datasets.Dataset:
         """The validated corpus: `--corpus` through `load_corpus`, or the built-in synthetic one."""
         if self.corpus is not None:
-            return load_corpus(self.corpus, split=self.corpus_split, skip_bad_rows=self.skip_bad_rows)
+            return load_corpus(
+                self.corpus,
+                split=self.corpus_split,
+                skip_bad_rows=self.skip_bad_rows,
+                allow_paths_outside_corpus=self.allow_paths_outside_corpus,
+            )
         from .synthetic import make_synthetic_corpus
 
         return load_corpus(
@@ -243,28 +309,33 @@ def split_captions(corpus: datasets.Dataset, num_query_captions: int = 1) -> Cap
     return CaptionSplit(train=train, queries=queries, gold=gold)
 
 
-def _load_raw(source: Any, split: str | None) -> tuple[datasets.Dataset, Path | None, str]:
-    """Return (one dataset, the folder image paths are relative to, a name for messages)."""
+def _load_raw(source: Any, split: str | None) -> tuple[CorpusTable, str]:
+    """Return (the rows of the selected split, a name for messages)."""
     if isinstance(source, list):
-        return datasets.Dataset.from_list(source), None, "<list of dicts>"
+        name = "<list of dicts>"
+        return _table_of_list(source).select_split(split, name), name
     if isinstance(source, datasets.Dataset):
-        return source, None, "<in-memory Dataset>"
+        name = "<in-memory Dataset>"
+        return _table_of_dataset(source, split, name), name
     if isinstance(source, datasets.DatasetDict):
-        return _select_split(source, split, "<in-memory DatasetDict>"), None, "<in-memory DatasetDict>"
+        name = "<in-memory DatasetDict>"
+        return _table_of_dataset(_select_split(source, split, name), None, name), name
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "load_corpus: source must be a folder or file path, a datasets.Dataset or DatasetDict, or a list of "
+            f"dicts; got {type(source).__name__}"
+        )
     path = Path(source)
     name = repr(str(source))
     if path.is_dir():
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        return _select_split(loaded, split, name), path.resolve(), name
+        return read_imagefolder(path).select_split(split, name), name
     if path.is_file():
-        builder = _TABLE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
+        if path.suffix.lower() not in TABLE_SUFFIXES:
             raise ValueError(f"corpus file {name} must be .jsonl, .json or .csv, not {path.suffix!r}")
-        loaded = datasets.load_dataset(builder, data_files=str(path))
-        return _select_split(loaded, split, name), path.resolve().parent, name
+        return read_corpus_file(path).select_split(split, name), name
     # A Hub id is `name` or `owner/name`; anything else that does not exist is a mistyped local path.
     text = str(source)
-    if path.suffix.lower() in _TABLE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
+    if path.suffix.lower() in TABLE_SUFFIXES or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"corpus {name} does not exist (expected a folder or a .jsonl/.json/.csv file)")
     from huggingface_hub import is_offline_mode
 
@@ -273,8 +344,51 @@ def _load_raw(source: Any, split: str | None) -> tuple[datasets.Dataset, Path | 
             f"corpus {name} is not a local folder or file, and Hub datasets cannot be loaded offline "
             "(HF_HUB_OFFLINE is set); pass a local imagefolder, .jsonl/.csv file or datasets.Dataset"
         )
-    loaded = datasets.load_dataset(str(source))
-    return _select_split(loaded, split, name), None, name
+    return _table_of_dataset(_select_split(datasets.load_dataset(text), split, name), None, name), name
+
+
+def _table_of_list(items: list) -> CorpusTable:
+    problems = {
+        index: f"item {index} of the list is a {type(item).__name__}, expected a dict of columns"
+        for index, item in enumerate(items)
+        if not isinstance(item, dict)
+    }
+    return table_of_records([{} if index in problems else item for index, item in enumerate(items)], problems=problems)
+
+
+class _DatasetColumns(Mapping):
+    """A Dataset's columns as Python lists, each read when first asked for (image columns undecoded)."""
+
+    def __init__(self, dataset: datasets.Dataset):
+        self._dataset = dataset
+        self._read: dict[str, list] = {}
+
+    def __getitem__(self, name: str) -> list:
+        if name not in self._read:
+            dataset = self._dataset
+            if isinstance(dataset.features[name], datasets.Image):
+                dataset = dataset.cast_column(name, datasets.Image(decode=False))
+            self._read[name] = list(dataset[name])
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self._dataset.column_names)
+
+
+def _table_of_dataset(dataset: datasets.Dataset, split: str | None, name: str) -> CorpusTable:
+    """The rows of a Dataset; `split` selects by its `split` column (without one, the dataset is split 'train')."""
+    if split is not None and "split" in dataset.column_names:
+        selected = dataset.filter(lambda label: str(label) == split, input_columns="split")
+        if not len(selected):
+            held = sorted({str(label) for label in dataset["split"]})
+            raise ValueError(f"corpus {name} has no split {split!r}; its split column holds {held}")
+        dataset = selected
+    elif split not in (None, DEFAULT_SPLIT):
+        raise ValueError(f"corpus {name} has no split {split!r}; it has ['{DEFAULT_SPLIT}']")
+    return CorpusTable(columns=_DatasetColumns(dataset), num_rows=len(dataset))
 
 
 def _select_split(loaded: datasets.DatasetDict, split: str | None, name: str) -> datasets.Dataset:
@@ -290,96 +404,6 @@ def _select_split(loaded: datasets.DatasetDict, split: str | None, name: str) ->
             part = part.remove_columns("split")
         parts.append(part.add_column("split", [split_name] * len(part)))
     return datasets.concatenate_datasets(parts)
-
-
-def _image_refs(raw: datasets.Dataset, column: str, base_dir: Path | None) -> list[dict | None]:
-    """Every row's image as a `{"bytes", "path"}` dict (the undecoded `datasets.Image` form), or None.
-
-    PIL images in a list of dicts arrive here already encoded: `Dataset.from_list` stores them as `datasets.Image`.
-    """
-    if isinstance(raw.features[column], datasets.Image):
-        values = raw.cast_column(column, datasets.Image(decode=False))[column]
-    else:
-        values = raw[column]
-    refs = []
-    for value in values:
-        if isinstance(value, (str, os.PathLike)):
-            path = Path(value).expanduser()
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            value = {"bytes": None, "path": str(path)}
-        refs.append(value if value and (value.get("bytes") or value.get("path")) else None)
-    return refs
-
-
-def _image_problem(ref: dict | None, verify: bool) -> str | None:
-    if ref is None:
-        return "no image"
-    if not ref.get("bytes") and not os.path.isfile(ref["path"]):
-        return "missing image file"
-    if not verify:
-        return None
-    try:
-        with Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]) as image:
-            image.load()  # decodes every pixel: open() alone only reads the header and misses truncation
-    except (OSError, SyntaxError, ValueError) as error:
-        return f"unreadable or truncated image ({type(error).__name__}: {error})"
-    return None
-
-
-def _embedding_problems(embeds: list, expected_dim: int | None) -> dict[int, str]:
-    widths = [len(e) if isinstance(e, (list, tuple)) else None for e in embeds]
-    if expected_dim is None:
-        counts = collections.Counter(w for w in widths if w)
-        expected_dim = counts.most_common(1)[0][0] if counts else None
-    problems = {}
-    for row, (vector, width) in enumerate(zip(embeds, widths)):
-        if width is None or width == 0:
-            problems[row] = "missing image embedding"
-        elif width != expected_dim:
-            problems[row] = f"image embedding has width {width}, expected {expected_dim}"
-        elif not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vector):
-            problems[row] = "image embedding contains NaN, inf or a non-number"
-    return problems
-
-
-def _parse_captions(value: Any) -> tuple[list[str], str | None]:
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        try:
-            value = json.loads(value)  # a CSV cell can only hold a caption list as JSON text
-        except json.JSONDecodeError:
-            pass
-    if value is None:
-        return [], "missing caption"
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        return [], "missing caption" if not value else f"caption must be a string or a list of strings, got {value!r}"
-    if not all(isinstance(c, str) for c in value):
-        return [], f"captions must be strings, got {value!r}"
-    captions = [c.strip() for c in value]
-    empty = [i for i, c in enumerate(captions) if not c]
-    if empty:
-        return captions, f"empty caption (caption index {', '.join(map(str, empty))})"
-    return captions, None
-
-
-def _check_keys(values: list) -> tuple[list[str | None], dict[int, str]]:
-    keys: list[str | None] = []
-    problems: dict[int, str] = {}
-    first_row: dict[str, int] = {}
-    for row, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-            keys.append(None)
-            problems[row] = f"missing or empty image key ({value!r})"
-            continue
-        key = str(value).strip()
-        keys.append(key)
-        if key in first_row:
-            problems[row] = f"duplicate image key {key!r} (first at row {first_row[key]})"
-        else:
-            first_row[key] = row
-    return keys, problems
 
 
 def _derived_keys(paths: list[str | None], base_dir: Path | None) -> list[str]:
