@@ -41,7 +41,7 @@ from modeling_gcmr.evaluation.metrics import evaluate_retriever, read_query_file
 from modeling_gcmr.publishing.checkpoint import push_retriever_to_hub, save_retriever
 from modeling_gcmr.publishing.model_card import build_model_card
 from modeling_gcmr.training.backbones import load_text_backbone
-from modeling_gcmr.training.callbacks import RetrievalEvalCallback
+from modeling_gcmr.training.callbacks import RetrievalEvalCallback, TrainingClockCallback
 from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.data import CorpusArguments, split_captions
 from modeling_gcmr.training.examples import TrainingExamplesConfig, build_query_examples, build_training_examples
@@ -154,6 +154,9 @@ class DataArguments(CorpusArguments):
     retrieve_ratio: float = field(default=1.0, metadata={"help": "Expected retrieve examples per training caption."})
     use_pseudo_queries: bool = field(default=True, metadata={"help": "Use the corpus' pseudo_queries column as extra queries."})
     memorize_prompt: str = field(default="", metadata={"help": "Text given with the image in memorize examples."})
+    max_train_minutes: float = field(
+        default=0.0, metadata={"help": "End training after this many minutes of training steps (0 = no limit)."}
+    )
     baseline: bool = field(default=False, metadata={"help": "Also train and evaluate the dense dual-encoder baseline."})
     baseline_epochs: float = field(default=20.0, metadata={"help": "Training epochs of the dense baseline."})
     baseline_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dense baseline."})
@@ -185,7 +188,9 @@ class GcmrTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps, or a fraction of all steps when < 1."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (0: decay would pull identifier vectors and the identity query projection towards zero)."}
+    )
     logging_steps: float = field(default=25, metadata={"help": "Log the loss every this many steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads task columns."})
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
         # "last" resumes from the newest checkpoint in output_dir, a path from that checkpoint.
         checkpoint = True if training_args.resume_from_checkpoint == "last" else training_args.resume_from_checkpoint
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        clock = next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClockCallback))
+        train_result.metrics.update(train_minutes=clock.minutes, stopped_by_time_budget=clock.stopped_by_budget)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
         results.update(train_result.metrics)
@@ -428,7 +435,7 @@ def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_arg
         train_dataset = build_training_examples(train_corpus, tokenizer, example_config, query_token_limit=limit)
         eval_dataset = build_query_examples(queries, gold, tokenizer, limit) if queries else None
     logger.info("%d training examples (%s), %d held-out queries", len(train_dataset), data_args.schedule, len(queries))
-    callbacks = []
+    callbacks = [TrainingClockCallback(data_args.max_train_minutes)]
     if queries and training_args.eval_strategy != "no":
         callbacks.append(RetrievalEvalCallback(queries, gold, tokenizer, num_beams=model_args.num_beams,
                                                batch_size=training_args.per_device_eval_batch_size))

@@ -58,20 +58,23 @@ def retrieve(model: Any, queries: Any = None, tokenizer: Any = None, top_k: int 
     if show_progress if show_progress is not None else len(starts) > 1:
         starts = tqdm(starts, desc="retrieve", unit="batch")
     keys = tokenizer.keys
+    # Texts of similar length share a batch (less padding); the results go back to the caller's order.
+    order = sorted(range(total), key=lambda i: len(texts[i])) if queries is not None else list(range(total))
     was_training = model.training
     model.eval()
     try:
-        results: list[list[tuple[str, float]]] = []
-        usable_all: list[bool] = []
+        results: list[list[tuple[str, float]]] = [[] for _ in range(total)]
+        usable_all = [True] * total
         for start in starts:
-            stop = min(start + batch_size, total)
+            rows = order[start : start + batch_size]
             if queries is not None:
-                inputs, usable = tokenize_queries(tokenizer, texts[start:stop], model.config.query_token_limit)
+                inputs, usable = tokenize_queries(tokenizer, [texts[i] for i in rows], model.config.query_token_limit)
             else:
-                inputs, usable = _image_inputs(model, tokenizer, given[0], images[start:stop], prompt)
+                inputs, usable = _image_inputs(model, tokenizer, given[0], images[rows], prompt)
             hits = search(model, tokenizer, inputs, top_k, num_beams, rerank, rerank_weight)
-            results.extend([[(keys[k], s) for k, s in row] if ok else [] for row, ok in zip(hits, usable)])
-            usable_all.extend(usable)
+            for row, row_hits, ok in zip(rows, hits, usable):
+                results[row] = [(keys[k], s) for k, s in row_hits] if ok else []
+                usable_all[row] = ok
         if queries is not None:
             warn_unusable(texts, usable_all)
         return results

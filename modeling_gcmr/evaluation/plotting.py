@@ -123,6 +123,34 @@ def plot_recall_curve(
         plt.close(figure)
 
 
+def plot_training_curves(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike,
+    metric: str = "recall@1",
+    reference: Mapping[str, float] | None = None,
+) -> Path:
+    """`metric` against training minutes, one line per run (points: dicts with `train_minutes` and `metric`), with
+    horizontal lines for reference systems (e.g. dense search); PNG, atomic."""
+    if not curves or not any(curves.values()):
+        raise ValueError("plot_training_curves needs at least one run with points")
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5.5, 3.5))
+    for name, points in curves.items():
+        axes.plot([p["train_minutes"] for p in points], [p[metric] for p in points], marker="o", label=name)
+    for name, value in (reference or {}).items():
+        axes.axhline(value, linestyle="--", color="grey", linewidth=1)
+        axes.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
+    axes.set(xlabel="training minutes", ylabel=metric, ylim=(0, 1.02), title=f"{metric} against training time")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    try:
+        figure.set_dpi(120)
+        return _save_atomically(figure, path)
+    finally:
+        plt.close(figure)
+
+
 def plot_latency(
     series: Mapping[str, Mapping[float, float]],
     path: str | os.PathLike,

@@ -1,6 +1,8 @@
-"""Recall@K of trie-constrained decoding inside `transformers.Trainer` evaluations."""
+"""Callbacks for `transformers.Trainer`: Recall@K of trie-constrained decoding at every evaluation, and a clock
+that logs training minutes (and stops at a time budget), so that recall can be plotted against training time."""
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from transformers import TrainerCallback
@@ -76,4 +78,42 @@ class RetrievalEvalCallback(TrainerCallback):
             logger.info("retrieval at step %d: %s", state.global_step, results)
 
 
-__all__ = ["RetrievalEvalCallback"]
+class TrainingClockCallback(TrainerCallback):
+    """Adds `train_minutes` (time inside training steps only: evaluation and saving are not counted) to every log
+    and evaluation entry, and ends training at the first step after `budget_minutes` (0 or None: no budget)."""
+
+    def __init__(self, budget_minutes: float | None = None):
+        self.budget_seconds = (budget_minutes or 0) * 60
+        self.seconds = 0.0
+        self._step_start: float | None = None
+        self.stopped_by_budget = False
+
+    @property
+    def minutes(self) -> float:
+        return self.seconds / 60
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seconds, self.stopped_by_budget = 0.0, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is not None:
+            self.seconds += time.perf_counter() - self._step_start
+            self._step_start = None
+        if self.budget_seconds and self.seconds >= self.budget_seconds:
+            self.stopped_by_budget = control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.log_history:
+            state.log_history[-1]["train_minutes"] = round(self.minutes, 4)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is not None:
+            metrics["train_minutes"] = round(self.minutes, 4)
+        if state.log_history:
+            state.log_history[-1]["train_minutes"] = round(self.minutes, 4)
+
+
+__all__ = ["RetrievalEvalCallback", "TrainingClockCallback"]

@@ -288,16 +288,16 @@ class CorpusArguments:
 
 
 def split_captions(corpus: datasets.Dataset, num_query_captions: int = 1) -> CaptionSplit:
-    """Hold out the last `num_query_captions` captions of each image as evaluation queries.
+    """Hold out the last `num_query_captions` captions of each image as evaluation queries (0: train on all).
 
     Images with no more captions than that keep all of them for training and give no query, so every image is
     still trained on. The synthetic corpus shuffles its caption templates per image, so "last" is not biased.
     """
-    if num_query_captions < 1:
-        raise ValueError(f"num_query_captions must be >= 1, got {num_query_captions}")
+    if isinstance(num_query_captions, bool) or not isinstance(num_query_captions, int) or num_query_captions < 0:
+        raise ValueError(f"num_query_captions must be an int >= 0, got {num_query_captions!r}")
     queries, gold, train_captions = [], [], []
     for key, caps in zip(corpus["image_key"], corpus["captions"]):
-        if len(caps) > num_query_captions:
+        if num_query_captions and len(caps) > num_query_captions:
             train_captions.append(list(caps[:-num_query_captions]))
             queries.extend(caps[-num_query_captions:])
             gold.extend([key] * num_query_captions)
