@@ -80,6 +80,10 @@ class GcmrConfig(PreTrainedConfig):
             Initial inverse temperature of the identifier head's scores (learned).
         prefix_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the per-depth prefix losses, which train the partial sums that beam search prunes with.
+        hard_negatives (`int`, *optional*, defaults to 8):
+            In training, the identifiers that score best against each query (the gold one aside) are scored again
+            with their own decoder states and the gold identifier must beat them: the guard against a decoder that
+            boosts paths it was never trained on. 0 turns it off.
         interpolation_prob (`float`, *optional*, defaults to 0.0):
             Share of text queries replaced in training by GENIUS's query/target interpolation
             `sqrt(s) q + sqrt(1 - s) p`, `s ~ Beta(2, 2)`, with `p` the target identifier's vector.
@@ -125,6 +129,7 @@ class GcmrConfig(PreTrainedConfig):
     query_pooling: Literal["mean", "first", "pooler"] = "mean"
     score_scale: float | int = 20.0
     prefix_loss_weight: float | int = 1.0
+    hard_negatives: int = 8
     interpolation_prob: float | int = 0.0
     distill_weight: float | int = 0.0
     stores_image_features: bool = False
@@ -213,6 +218,8 @@ class GcmrConfig(PreTrainedConfig):
         for name in ("prefix_loss_weight", "distill_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        if self.hard_negatives < 0:
+            raise ValueError(f"`hard_negatives` must be >= 0, got {self.hard_negatives}")
         if not 0 <= self.interpolation_prob <= 1:
             raise ValueError(f"`interpolation_prob` must be in [0, 1], got {self.interpolation_prob}")
         if self.max_query_tokens is not None and self.max_query_tokens < 2:

@@ -43,7 +43,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
             inputs = head.start_input.expand(len(nodes), 1, -1)
         else:
             inputs = head.edge_input(head.edge_vectors[previous_edges])[:, None]
-        states, cache = model.decoder_states(inputs, encoded, query_of_row, cache)
+        states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
         queries = encoded.query_vectors[query_of_row] + head.step_query(states[:, 0])
         rows, edges = engine.edges_of(nodes)
         scores = totals[rows] + head.edge_scores(queries[rows], edges).float()
