@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoModel,
@@ -28,6 +27,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.logging import get_logger, tqdm
 
+from .atomic_write_gcmr import MIXED_SAVES_HINT, load_checked, save_staged
 from .configuration_gcmr import GcmrConfig
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
 from .pipeline_gcmr import register_pipeline_in_config
@@ -153,15 +153,12 @@ class GcmrPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, with an error that names a damaged `.safetensors` file."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as error:
-            raise OSError(
-                f"cannot read the weights of {pretrained_model_name_or_path}: "
-                f"{_damaged_safetensors(pretrained_model_name_or_path) or 'a .safetensors file'} is truncated or "
-                f"corrupt ({error}); save or download the checkpoint again"
-            ) from error
+        """`PreTrainedModel.from_pretrained`, with errors that name a missing, damaged or mixed-up checkpoint file."""
+        return load_checked(super().from_pretrained, cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, staged: a kill never leaves a 0-byte or truncated file."""
+        return save_staged(super().save_pretrained, save_directory, *args, push=self.push_to_hub, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone and the vision tower are PreTrainedModels and initialise themselves; this covers our modules.
@@ -355,7 +352,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"identifier vocabulary mismatch: the model was trained for signature {expected[:16]}..., the "
                 f"tokenizer has {str(found)[:16]}...; load the tokenizer saved with this model (or call "
-                "set_identifier_vocabulary(tokenizer) and retrain)"
+                f"set_identifier_vocabulary(tokenizer) and retrain). {MIXED_SAVES_HINT}"
             )
         if len(tokenizer) != self.vocab_size:
             raise ValueError(
@@ -703,21 +700,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         # Rare: only then tokenize a second time, with truncation.
         logger.warning_once(f"queries longer than the encoder's {limit} tokens are truncated to {limit} tokens")
         return tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-
-
-def _damaged_safetensors(folder: str | os.PathLike) -> str:
-    """The unreadable .safetensors files of a local folder, comma separated ('' if none or not a folder)."""
-    if not os.path.isdir(folder):
-        return ""
-    damaged = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                    handle.keys()
-            except SafetensorError:
-                damaged.append(os.path.join(folder, name))
-    return ", ".join(damaged)
 
 
 def _twice(x: Any) -> Any:
