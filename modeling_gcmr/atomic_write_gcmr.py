@@ -197,14 +197,14 @@ def _load_exchange() -> Callable[[bytes, bytes], int] | None:
     return None
 
 
-_renameat2 = _load_exchange()
+_swap_paths = _load_exchange()
 
 
 def _exchange(first: Path, second: Path) -> bool:
     """Swap two existing paths atomically; False where the system or the file system cannot."""
-    if _renameat2 is None:
+    if _swap_paths is None:
         return False
-    if _renameat2(os.fsencode(first), os.fsencode(second)) == 0:
+    if _swap_paths(os.fsencode(first), os.fsencode(second)) == 0:
         return True
     error = ctypes.get_errno()
     if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
@@ -246,7 +246,7 @@ def replacing_folder(folder: str | os.PathLike) -> Iterator[Path]:
     A kill at any moment leaves the old `folder` or the new one, never a mix; the next call removes what a killed
     one left behind.
     """
-    folder = Path(folder)
+    folder = Path(os.path.realpath(folder))  # through a symlink: the swap replaces the folder it points to
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"cannot save to {folder}: it exists and is not a directory")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,9 @@ def save_staged(save: Callable[..., Any], save_directory: str | os.PathLike, *ar
             os.replace(staging / name, directory / name)
         for name in os.listdir(directory):
             shard = _SHARD.match(name)
-            if shard and name not in names and any(new.startswith(shard["stem"]) for new in names):
+            if shard and name not in names and any(
+                new.startswith(shard["stem"]) and new.endswith(".safetensors") for new in names
+            ):
                 os.remove(directory / name)
         _fsync(directory)
     finally:
@@ -309,12 +311,16 @@ def save_staged(save: Callable[..., Any], save_directory: str | os.PathLike, *ar
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_checked(load: Callable[..., Any], model_class: type, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+def load_checked(
+    load: Callable[..., Any], model_class: type, path: str | os.PathLike, *args: Any, **kwargs: Any
+) -> Any:
     """`from_pretrained` with the package's own errors for a missing, damaged or mixed-up checkpoint folder."""
     local = isinstance(path, (str, os.PathLike))
     if local and not os.path.exists(path):
         recover_interrupted_save(path)
-    folder = os.path.join(path, kwargs.get("subfolder") or "") if local and os.path.isdir(path) else None
+    folder = None
+    if local and os.path.isdir(path):
+        folder = os.path.join(path, kwargs["subfolder"]) if kwargs.get("subfolder") else os.fspath(path)
     if folder is not None and kwargs.get("config") is None and not os.path.isfile(os.path.join(folder, "config.json")):
         raise OSError(
             f"config.json is missing from {folder}: without it transformers would build a default model and load the "
@@ -368,8 +374,8 @@ def _shape_mismatch(model_class: type, folder: str, config: PreTrainedConfig | N
                 if tensor not in expected or expected[tensor] == saved:
                     continue
                 if expected[tensor][1:] == saved[1:]:
-                    problem = (f"vocab_size mismatch: config.json in {folder} gives a vocabulary of {expected[tensor][0]} "
-                               f"tokens, {name} holds {saved[0]} rows in {tensor}")
+                    problem = (f"vocab_size mismatch: config.json in {folder} gives a vocabulary of "
+                               f"{expected[tensor][0]} tokens, {name} holds {saved[0]} rows in {tensor}")
                 else:
                     problem = (f"shape mismatch: config.json in {folder} builds {tensor} as {expected[tensor]}, "
                                f"{name} holds {saved}")

@@ -72,7 +72,8 @@ def _fsync(path: str) -> None:
 
 def atomic_save_to(path: str, save: Callable[[str], Any]) -> None:
     """Call ``save(temporary_path)`` next to ``path``, then rename the finished file into place."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
+    folder, name = os.path.split(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.close(descriptor)
     try:
         save(temporary)
@@ -108,8 +109,11 @@ def _is_running(pid: int) -> bool:
 
 def _move_order(name: str) -> tuple[int, str]:
     # Code, then the table's tensors before its header (as IdentifierTable.save writes them), the config last.
-    rank = 0 if name.endswith(".py") else 1 if name.endswith(".safetensors") else 3 if name.endswith("config.json") else 2
-    return rank, name
+    if name.endswith(".py"):
+        return 0, name
+    if name.endswith(".safetensors"):
+        return 1, name
+    return (3 if name.endswith("config.json") else 2), name
 
 
 def save_staged(directory: str, save: Callable[[str], Any]) -> Any:
@@ -244,7 +248,9 @@ class IdentifierTable:
             "units": list(self.units),
         }
         metadata = {"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]}
-        atomic_save_to(os.path.join(directory, TABLE_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata))
+        atomic_save_to(
+            os.path.join(directory, TABLE_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata)
+        )
         atomic_write_bytes(os.path.join(directory, TABLE_HEADER_NAME), json.dumps(header).encode())
 
     @classmethod

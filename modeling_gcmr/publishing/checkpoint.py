@@ -3,7 +3,8 @@
 `save_pretrained` of the model and of the tokenizer copy the Hub code files (configuration, modeling, tokenization
 and their siblings) next to the weights, so the folder loads with `trust_remote_code=True` where this package is not
 installed. The card is written as README.md explicitly: the Hub's own `push_to_hub` would otherwise write its
-template README.
+template README. The folder is built next to its target, checked, and swapped in atomically
+(`atomic_write_gcmr.replacing_folder`): a kill at any moment leaves the old checkpoint or the new one.
 """
 from __future__ import annotations
 
