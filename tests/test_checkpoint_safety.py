@@ -33,7 +33,7 @@ QUERIES = ["a small red circle left of a blue square", "a big green star above a
 TOP_K = 3
 MIXED_SAVES = "different saves"
 STAGING_NAME = re.compile(r"\.(?:.+\.)?gcmr-(?:staging|old|trash)-\d+-[0-9a-f]{8}$")
-# (experiment, trials): the README pair gets more, it has more ways to go wrong.
+# experiment -> kills. "retriever_fallback" runs save_retriever as where renameat2 is missing.
 EXPERIMENTS = {"retriever": 20, "retriever_fallback": 8, "pair": 20}
 # A kill lands after this many times the duration of one save (measured per experiment, so a loaded machine that
 # saves slower gets later kills): mostly in the first, second or third save of the loop.
