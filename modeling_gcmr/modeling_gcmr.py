@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -24,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .atomic_write_gcmr import load_checked, save_staged
 from .configuration_gcmr import GcmrConfig
 from .encoding_gcmr import FrozenEncoderCache, GcmrEncoderOutput, GcmrImageProjector, identity_init_, pool_text
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
@@ -86,15 +86,12 @@ class GcmrPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, with an error that names a damaged `.safetensors` file."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as error:
-            raise OSError(
-                f"cannot read the weights of {pretrained_model_name_or_path}: "
-                f"{_damaged_safetensors(pretrained_model_name_or_path) or 'a .safetensors file'} is truncated or "
-                f"corrupt ({error}); save or download the checkpoint again"
-            ) from error
+        """`PreTrainedModel.from_pretrained`, with errors that name a missing, damaged or mixed-up checkpoint file."""
+        return load_checked(super().from_pretrained, cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedModel.save_pretrained`, staged: a kill never leaves a 0-byte or truncated file."""
+        return save_staged(super().save_pretrained, save_directory, *args, push=self.push_to_hub, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The backbone and the vision tower are PreTrainedModels and initialise themselves; this covers our modules.
@@ -793,21 +790,6 @@ def _projection(in_dim: int, out_dim: int, identity: bool) -> nn.Linear:
     if identity and in_dim == out_dim:
         linear.gcmr_init = "identity"
     return linear
-
-
-def _damaged_safetensors(folder: str | os.PathLike) -> str:
-    """The unreadable .safetensors files of a local folder, comma separated ('' if none or not a folder)."""
-    if not os.path.isdir(folder):
-        return ""
-    damaged = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(os.path.join(folder, name), framework="pt") as handle:
-                    handle.keys()
-            except SafetensorError:
-                damaged.append(os.path.join(folder, name))
-    return ", ".join(damaged)
 
 
 def _by_row(image_rows: torch.Tensor | None, image_part: torch.Tensor | None,

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic_write_gcmr import MIXED_SAVES_HINT
+
 INITS = ("auto", "dense", "unit_vectors", "random")
 
 
@@ -76,9 +78,8 @@ def check_tokenizer(model: Any, tokenizer: Any) -> None:
     if expected is not None and expected != found:
         raise ValueError(
             f"identifier vocabulary mismatch: the model was fitted to signature {expected[:16]}..., the tokenizer has "
-            f"{str(found)[:16]}... (a model and a tokenizer from different saves or edits); load the tokenizer saved "
-            "with this model (save both at once with save_retriever), or call set_identifier_vocabulary(tokenizer) "
-            "and retrain"
+            f"{str(found)[:16]}...; load the tokenizer saved with this model, or call "
+            f"set_identifier_vocabulary(tokenizer) and retrain. {MIXED_SAVES_HINT}"
         )
     if model.config.identifier_head == "identifier":
         if len(tokenizer.keys) != model.config.num_identifiers:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -26,27 +29,117 @@ class IdentifierTableError(ValueError):
     """A table that is inconsistent, or a table file that is missing, truncated or from elsewhere."""
 
 
-def _make_shareable(path: str) -> None:
-    # tempfile creates files 0600; a checkpoint file gets what the umask gives any new file.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+# -- the tokenization side's one atomic-write helper ----------------------------------------------------------------
+# The modeling side has its own in modeling_gcmr/atomic_write_gcmr.py: a checkpoint's two packages never share a file.
+# Same rules: temporary name then rename, the umask's permissions (tempfile makes 0600 files and 0700 folders), files
+# flushed before they are renamed, and staging folders named `.gcmr-staging-<pid>-<8 hex>` so that the next save
+# removes exactly those of saves that were killed.
+_STAGING = re.compile(r"^\.gcmr-staging-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+def _umask() -> int:
+    # /proc first: os.umask(x) to read it would briefly change it for every other thread.
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _make_shareable(tmp)
-        os.replace(tmp, path)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _finish(path: str, directory: bool = False) -> None:
+    """Give a new file or folder the umask's permissions and flush it to disk."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+    _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_save_to(path: str, save: Callable[[str], Any]) -> None:
+    """Call ``save(temporary_path)`` next to ``path``, then rename the finished file into place."""
+    folder, name = os.path.split(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    os.close(descriptor)
+    try:
+        save(temporary)
+        _finish(temporary)
+        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+
+    def save(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+
+    atomic_save_to(path, save)
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_order(name: str) -> tuple[int, str]:
+    # Code, then the table's tensors before its header (as IdentifierTable.save writes them), the config last.
+    if name.endswith(".py"):
+        return 0, name
+    if name.endswith(".safetensors"):
+        return 1, name
+    return (3 if name.endswith("config.json") else 2), name
+
+
+def save_staged(directory: str, save: Callable[[str], Any]) -> Any:
+    """Run ``save(staging)`` in a staging folder inside ``directory``, then move each finished file in.
+
+    No file of ``directory`` is ever 0 bytes or truncated. The tokenizer's config goes in last (after the code and
+    the identifier table, whose header follows its tensors). Returns what ``save`` returned.
+    """
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        match = _STAGING.match(name)
+        if match and not _is_running(int(match["pid"])):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    staging = os.path.join(directory, f".gcmr-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)
+    try:
+        result = save(staging)
+        names = sorted(os.listdir(staging), key=_move_order)
+        for name in names:
+            _finish(os.path.join(staging, name), os.path.isdir(os.path.join(staging, name)))
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        _fsync(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,18 +247,11 @@ class IdentifierTable:
             "keys": list(self.keys),
             "units": list(self.units),
         }
-        weights_path = os.path.join(directory, TABLE_WEIGHTS_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]})
-            _make_shareable(tmp)
-            os.replace(tmp, weights_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _atomic_write_bytes(os.path.join(directory, TABLE_HEADER_NAME), json.dumps(header).encode())
+        metadata = {"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]}
+        atomic_save_to(
+            os.path.join(directory, TABLE_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata)
+        )
+        atomic_write_bytes(os.path.join(directory, TABLE_HEADER_NAME), json.dumps(header).encode())
 
     @classmethod
     def load(cls, directory: str) -> "IdentifierTable":
@@ -212,11 +298,16 @@ class IdentifierTable:
                 unit_vectors=tensors.get("unit_vectors"),
             )
         except IdentifierTableError as err:
-            raise IdentifierTableError(f"{weights_path} and {header_path} do not agree: {err}") from err
+            raise IdentifierTableError(
+                f"{weights_path} and {header_path} do not agree ({err}): they come from different saves (an interrupted "
+                "save?) or one is damaged; save the tokenizer again (save_retriever(model, tokenizer, folder) for a "
+                "checkpoint)"
+            ) from err
         if table.content_hash != header["content_hash"]:
             raise IdentifierTableError(
                 f"content hash mismatch: {header_path} says {header['content_hash'][:12]}…, the data hashes to "
-                f"{table.content_hash[:12]}…; the two files come from different tables or one is damaged"
+                f"{table.content_hash[:12]}…; the two files come from different saves (an interrupted save?) or one is "
+                "damaged; save the tokenizer again (save_retriever(model, tokenizer, folder) for a checkpoint)"
             )
         return table
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -26,11 +24,13 @@ from .identifier_table import (
     TABLE_WEIGHTS_NAME,
     IdentifierTable,
     IdentifierTableError,
-    _atomic_write_bytes,
+    atomic_write_bytes,
+    save_staged,
 )
 from .prefix_trie import PrefixTrie
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VOCAB_FILES_NAMES = {
     "text_tokenizer_file": TEXT_TOKENIZER_FILE,
     "identifier_table_file": TABLE_HEADER_NAME,
@@ -87,6 +87,16 @@ def _load_backend(path: str | None, folder: str | None) -> Tokenizer:
         raise ValueError(f"{path} is not a readable tokenizers file (truncated?): {err}") from err
 
 
+def _require_tokenizer_config(folder: str | None) -> None:
+    # Without it the special tokens are unknown and the load would fail later with "neither an EOS nor a SEP token".
+    if folder and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, TOKENIZER_CONFIG_FILE)):
+        raise ValueError(
+            f"{TOKENIZER_CONFIG_FILE} is missing from {folder}: it holds the tokenizer's special tokens (EOS ends every "
+            "identifier) and its auto_map. The tokenizer was not saved there completely (an interrupted save?): save "
+            "it again, with save_retriever(model, tokenizer, folder) for model and tokenizer together"
+        )
+
+
 def _load_table(header_path: str | None, weights_path: str | None, folder: str | None) -> IdentifierTable:
     base = folder or "."
     return IdentifierTable.from_files(
@@ -141,6 +151,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
             if isinstance(max_length, int) and max_length < 10**9:
                 kwargs.setdefault("model_max_length", max_length)
         else:
+            _require_tokenizer_config(folder)
             backend, specials = _load_backend(text_tokenizer_file, folder), {}
         table = identifier_table if identifier_table is not None else _load_table(
             identifier_table_file, identifier_weights_file, folder
@@ -381,7 +392,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         if filename_prefix:
             raise ValueError("ImageIdTokenizer keeps fixed file names; filename_prefix is not supported")
         text_path = os.path.join(save_directory, TEXT_TOKENIZER_FILE)
-        _atomic_write_bytes(text_path, self._text_backend.to_str().encode("utf-8"))
+        atomic_write_bytes(text_path, self._text_backend.to_str().encode("utf-8"))
         self._table.save(save_directory)
         return (
             text_path,
@@ -399,29 +410,26 @@ class ImageIdTokenizer(PreTrainedTokenizer):
     ) -> tuple[str, ...]:
         """Save every file atomically: write all into a staging folder, then rename each into place.
 
-        The code files (this module and its relative imports) are copied flat next to them, and
-        ``tokenizer_config.json`` gets an ``auto_map`` so ``trust_remote_code=True`` loads them.
+        A kill never leaves a 0-byte or truncated file. The code files (this module and its relative imports) are
+        copied flat next to them, and ``tokenizer_config.json`` gets an ``auto_map`` so ``trust_remote_code=True``
+        loads them. With a model in the same folder, ``save_retriever(model, tokenizer, folder)`` saves both as one
+        atomic step; this call alone replaces only the tokenizer's files.
         """
         save_directory = str(save_directory)
         if os.path.isfile(save_directory):
             raise NotADirectoryError(f"{save_directory} is a file; save_pretrained needs a folder")
-        os.makedirs(save_directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".tmp-save-", dir=save_directory)
-        try:
-            staged = super().save_pretrained(staging, legacy_format=legacy_format, filename_prefix=filename_prefix)
-            for name in sorted(os.listdir(staging)):
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        saved = tuple(
-            os.path.join(save_directory, os.path.relpath(str(path), staging))
-            for path in staged
-            if os.path.exists(os.path.join(save_directory, os.path.relpath(str(path), staging)))
+        staged = save_staged(
+            save_directory,
+            lambda staging: super(ImageIdTokenizer, self).save_pretrained(
+                staging, legacy_format=legacy_format, filename_prefix=filename_prefix
+            ),
         )
+        # The files are flat: the same names, now in save_directory.
+        saved = tuple(os.path.join(save_directory, os.path.basename(str(path))) for path in staged)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, **kwargs)
-        return saved
+        return tuple(path for path in saved if os.path.exists(path))
 
 
 ImageIdTokenizer.register_for_auto_class("AutoTokenizer")

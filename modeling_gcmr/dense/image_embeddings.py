@@ -26,6 +26,8 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, CLIPModel
 
+from ..atomic_write_gcmr import atomic_save_to
+
 
 def compute_image_embeddings(
     dataset: datasets.Dataset,
@@ -109,10 +111,8 @@ def save_image_embeddings(path: str | os.PathLike, keys: list[str], embeddings: 
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2 or len(keys) != len(embeddings):
         raise ValueError(f"need one embedding row per key: {len(keys)} keys, embeddings of shape {embeddings.shape}")
-    path = os.fspath(path)
-    temp = f"{path}.tmp-{os.getpid()}"
-    save_file({"embeddings": embeddings}, temp, metadata={"image_keys": json.dumps(list(keys))})
-    os.replace(temp, path)
+    metadata = {"image_keys": json.dumps(list(keys))}
+    atomic_save_to(path, lambda temporary: save_file({"embeddings": embeddings}, temporary, metadata=metadata))
 
 
 def load_image_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:

@@ -3,47 +3,50 @@
 `save_pretrained` of the model and of the tokenizer copy the Hub code files (configuration, modeling, tokenization
 and their siblings) next to the weights, so the folder loads with `trust_remote_code=True` where this package is not
 installed. The card is written as README.md explicitly: the Hub's own `push_to_hub` would otherwise write its
-template README.
+template README. The folder is built next to its target, checked, and swapped in atomically
+(`atomic_write_gcmr.replacing_folder`): a kill at any moment leaves the old checkpoint or the new one.
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 
-REQUIRED_FILES = ("config.json", "tokenizer_config.json")
+from tokenization_gcmr.identifier_table import IdentifierTable
+
+from ..atomic_write_gcmr import replacing_folder
+
+REQUIRED_FILES = ("config.json", "tokenizer_config.json", "text_tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def save_retriever(model, tokenizer, folder: str | os.PathLike, card: ModelCard | None = None) -> Path:
-    """Write `model`, `tokenizer` and `card` (as README.md) into `folder`, atomically.
+    """Write `model`, `tokenizer`, their code and `card` (as README.md) into `folder`, as one atomic step.
 
-    Everything is written into a temporary sibling folder first and moved into place only once complete, so a crash
-    never leaves a half-written checkpoint at `folder`. An existing `folder` is replaced as a whole.
+    Everything is written into a staging folder next to `folder`, checked (every file present and readable, the code
+    non-empty), then swapped in with one atomic exchange: a crash or a kill at any moment leaves `folder` holding the
+    complete old checkpoint or the complete new one, never a mix, and the next save removes what a killed one left.
+    An existing `folder` is replaced as a whole.
 
     Raises:
-        ValueError: the model was sized for another identifier vocabulary than the tokenizer's, or `folder` is a file.
+        ValueError: the model was sized for another identifier vocabulary than the tokenizer's, `folder` is a file,
+            or the saved checkpoint did not check out (then `folder` is untouched).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save a retriever to {folder}: it exists and is not a directory")
     _check_pair(model, tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staging = folder.parent / f".{folder.name}.tmp-{tag}"
-    try:
+    with replacing_folder(folder) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if card is not None:
             card.save(staging / "README.md")
-        _check_complete(staging)
-        _swap_into_place(staging, folder, folder.parent / f".{folder.name}.old-{tag}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        check_checkpoint_files(staging)
     return folder
 
 
@@ -85,24 +88,54 @@ def _check_pair(model, tokenizer) -> None:
         )
 
 
-def _check_complete(folder: Path) -> None:
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+def check_checkpoint_files(folder: str | os.PathLike) -> None:
+    """Raise a ValueError naming every missing, empty or unreadable file of the checkpoint in `folder`.
+
+    Reads what loading needs, without building the model: every JSON file parses, every safetensors header reads and
+    covers its file, the identifier table loads (its hash checks both files), and every code file that an `auto_map`
+    names exists, is not empty and compiles.
+    """
+    folder = Path(folder)
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (folder / name).is_file()]
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        missing.append(" or ".join(WEIGHT_FILES))
-    if missing:
-        raise ValueError(f"the saved retriever in {folder} is incomplete, missing: {', '.join(missing)}")
-
-
-def _swap_into_place(staging: Path, folder: Path, backup: Path) -> None:
-    """Rename `staging` to `folder`; an existing `folder` is moved aside first and removed after the swap."""
-    had_old = folder.exists()
-    if had_old:
-        os.replace(folder, backup)
+        problems.append(f"{' or '.join(WEIGHT_FILES)} is missing")
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            if path.stat().st_size == 0:
+                problems.append(f"{path.name} is empty")
+            elif path.suffix == ".json" and path.name != "text_tokenizer.json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with safe_open(path, framework="np") as handle:
+                    handle.keys()
+            elif path.suffix == ".py":
+                compile(path.read_text(encoding="utf-8"), str(path), "exec")
+        except (OSError, ValueError, SyntaxError, SafetensorError) as error:
+            problems.append(f"{path.name} cannot be read ({error})")
+    for config_name in ("config.json", "tokenizer_config.json"):
+        problems += _missing_code(folder, config_name)
+    if (folder / "text_tokenizer.json").is_file():
+        try:
+            Tokenizer.from_file(str(folder / "text_tokenizer.json"))
+        except Exception as error:  # tokenizers raises a bare Exception for a bad file
+            problems.append(f"text_tokenizer.json cannot be read ({error})")
     try:
-        os.replace(staging, folder)
-    except OSError:
-        if had_old:
-            os.replace(backup, folder)
-        raise
-    if had_old:
-        shutil.rmtree(backup, ignore_errors=True)
+        IdentifierTable.load(str(folder))
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise ValueError(f"the saved retriever in {folder} is incomplete: " + "; ".join(problems))
+
+
+def _missing_code(folder: Path, config_name: str) -> list[str]:
+    """The code files an `auto_map` in `config_name` points at that are not in `folder`."""
+    try:
+        auto_map = json.loads((folder / config_name).read_text(encoding="utf-8")).get("auto_map", {})
+    except (OSError, ValueError):
+        return []  # reported above
+    references = [value for values in auto_map.values() for value in (values if isinstance(values, list) else [values])]
+    modules = {reference.split(".")[0] for reference in references if isinstance(reference, str)}
+    return [f"{module}.py (in the auto_map of {config_name}) is missing" for module in sorted(modules)
+            if not (folder / f"{module}.py").is_file()]
