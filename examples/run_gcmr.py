@@ -85,8 +85,8 @@ class ModelArguments:
     num_layers: int = field(default=2, metadata={"help": "From scratch: encoder (and decoder) layers of the T5 backbone."})
     num_heads: int = field(default=4, metadata={"help": "From scratch: attention heads of the T5 backbone."})
     dropout_rate: float = field(default=0.1, metadata={"help": "From scratch: dropout of the T5 backbone."})
-    decoder_layers: int = field(default=2, metadata={"help": "Encoder or CLIP backbone: layers of the new decoder."})
-    decoder_intermediate_size: int = field(default=1024, metadata={"help": "Encoder or CLIP backbone: decoder feed-forward size."})
+    decoder_layers: int = field(default=1, metadata={"help": "Encoder or CLIP backbone: layers of the new decoder."})
+    decoder_intermediate_size: int = field(default=512, metadata={"help": "Encoder or CLIP backbone: decoder feed-forward size."})
     image_size: int | None = field(
         default=None, metadata={"help": "'pixels': input side of the vision tower; default: the corpus images' size."}
     )
@@ -113,11 +113,18 @@ class ModelArguments:
     interpolation_prob: float = field(
         default=0.0, metadata={"help": "Share of text queries replaced by GENIUS query/target interpolation in training."}
     )
-    distill_weight: float = field(
-        default=0.0, metadata={"help": "Weight of distillation from the dense teacher (needs --store_image_features)."}
+    hard_negatives: int = field(
+        default=4, metadata={"help": "Negatives per query scored with their own decoder states in training (0 = off)."}
     )
-    store_image_features: bool = field(
-        default=False, metadata={"help": "Keep the image features in the checkpoint (retrieve(rerank=...), distillation)."}
+    distill_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of distillation from the dense teacher (the stored image features against the "
+                  "query's own encoding); default: 10 when features are stored and queries share their space, else 0."},
+    )
+    store_image_features: bool | None = field(
+        default=None,
+        metadata={"help": "Keep the image features in the checkpoint, for retrieve(rerank=...) and distillation "
+                  "(identifier_dim floats per image); default: whenever there are features."},
     )
     max_query_tokens: int | None = field(
         default=None, metadata={"help": "Cut queries to this many tokens (training and search); default: the encoder's limit."}
@@ -183,7 +190,7 @@ class GcmrTrainingArguments(TrainingArguments):
     more epochs (the demo uses --learning_rate 3e-3 --num_train_epochs 60).
     """
 
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})
@@ -356,20 +363,31 @@ def _model_and_tokenizer(corpus, train_corpus, dense_embeddings, model_args, dat
             consistency_weight=model_args.consistency_weight,
             score_scale=model_args.score_scale,
             prefix_loss_weight=model_args.prefix_loss_weight,
+            hard_negatives=model_args.hard_negatives,
             interpolation_prob=model_args.interpolation_prob,
-            distill_weight=model_args.distill_weight,
             max_query_tokens=model_args.max_query_tokens,
         )
-        if model_args.store_image_features:
-            if embeddings is None:
-                raise ValueError("--store_image_features needs image features: --image_encoder precomputed (a corpus "
-                                 "with image_embeds), dual_encoder or a CLIP folder")
-            model.store_image_features(embeddings)
+        _store_features_and_distill(model, embeddings, model_args)
     model.config.num_beams = model_args.num_beams
     if model_args.lora_r > 0:
         targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, targets)
     return model, tokenizer
+
+
+def _store_features_and_distill(model: GcmrForRetrieval, embeddings: np.ndarray | None, model_args) -> None:
+    """Store the image features (default: whenever there are some) and set the distillation weight (default: 10
+    when features are stored and queries share their space; chosen on f30k-dev)."""
+    store = model_args.store_image_features
+    if store and embeddings is None:
+        raise ValueError("--store_image_features needs image features: --image_encoder precomputed (a corpus with "
+                         "image_embeds), dual_encoder or a CLIP folder")
+    if store or (store is None and embeddings is not None and model.config.identifier_head == "identifier"):
+        model.store_image_features(embeddings)
+    distill = model_args.distill_weight
+    if distill is None:
+        distill = 10.0 if model.stored_image_features is not None and model.config.shared_query_space else 0.0
+    model.config.distill_weight = float(distill)
 
 
 def _trained_text_tokenizer(train_corpus: datasets.Dataset, model_args: ModelArguments):

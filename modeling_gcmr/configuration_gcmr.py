@@ -80,7 +80,7 @@ class GcmrConfig(PreTrainedConfig):
             Initial inverse temperature of the identifier head's scores (learned).
         prefix_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the per-depth prefix losses, which train the partial sums that beam search prunes with.
-        hard_negatives (`int`, *optional*, defaults to 8):
+        hard_negatives (`int`, *optional*, defaults to 4):
             In training, the identifiers that score best against each query (the gold one aside) are scored again
             with their own decoder states and the gold identifier must beat them: the guard against a decoder that
             boosts paths it was never trained on. 0 turns it off.
@@ -129,7 +129,7 @@ class GcmrConfig(PreTrainedConfig):
     query_pooling: Literal["mean", "first", "pooler"] = "mean"
     score_scale: float | int = 20.0
     prefix_loss_weight: float | int = 1.0
-    hard_negatives: int = 8
+    hard_negatives: int = 4
     interpolation_prob: float | int = 0.0
     distill_weight: float | int = 0.0
     stores_image_features: bool = False

@@ -68,7 +68,7 @@ class TextBackbone:
     def query_pooling(self) -> str:
         return "pooler" if self.kind == "clip" else "mean"
 
-    def text_config(self, decoder_layers: int = 2, decoder_intermediate_size: int = 1024) -> PreTrainedConfig:
+    def text_config(self, decoder_layers: int = 1, decoder_intermediate_size: int = 512) -> PreTrainedConfig:
         """The `text_config` of a `GcmrConfig`: the seq2seq config, or the encoder paired with a new decoder."""
         special = dict(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=_eos_id(self.tokenizer))
         if self.kind == "seq2seq":

@@ -68,8 +68,8 @@ def build_retriever(
     init: str = "auto",
     freeze_text_encoder: bool | None = None,
     shared_query_space: bool | None = None,
-    decoder_layers: int = 2,
-    decoder_intermediate_size: int = 1024,
+    decoder_layers: int = 1,
+    decoder_intermediate_size: int = 512,
     seed: int = 0,
     **config_options: Any,
 ) -> GcmrForRetrieval:
