@@ -113,14 +113,7 @@ def plot_recall_curve(
         metrics = retrieval_metrics(rankings, gold, ks=ks)
         axes.plot(ks, [metrics[f"recall@{k}"] for k in ks], marker="o", label=name)
     axes.set(xlabel="k", ylabel="Recall@k", ylim=(0, 1.02), xticks=ks, title=f"Recall@k over {len(gold)} queries")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    try:
-        figure.set_dpi(120)
-        return _save_atomically(figure, path)
-    finally:
-        plt.close(figure)
+    return _finish_line_plot(plt, figure, axes, path)
 
 
 def plot_training_curves(
@@ -141,6 +134,11 @@ def plot_training_curves(
         axes.axhline(value, linestyle="--", color="grey", linewidth=1)
         axes.annotate(name, (0, value), textcoords="offset points", xytext=(2, 3), fontsize=8, color="grey")
     axes.set(xlabel="training minutes", ylabel=metric, ylim=(0, 1.02), title=f"{metric} against training time")
+    return _finish_line_plot(plt, figure, axes, path)
+
+
+def _finish_line_plot(plt, figure, axes, path: str | os.PathLike) -> Path:
+    """Grid, legend, layout, then the PNG written atomically at 120 dpi; the figure is closed either way."""
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()

@@ -92,7 +92,16 @@ def build_model_card(
         tags=[*BASE_TAGS, f"identifier-{id_type.replace('_', '-')}"],
         eval_results=_eval_results(scores, baseline, dataset_name, eval_split),
     )
-    body = "\n".join([
+    body = _card_body(model_name, id_type, corpus_size, dataset_name, base_model, details, eval_split, scores,
+                      baseline, hyperparameters, location, example_query)
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def _card_body(model_name: str, id_type: str, corpus_size: int, dataset_name: str, base_model: str | None,
+               details: dict, eval_split: str, scores: dict, baseline: dict | None, hyperparameters: dict,
+               location: str, example_query: str) -> str:
+    """The card's markdown below the metadata: details, results, hyperparameters and a usage snippet."""
+    return "\n".join([
         f"# {model_name}",
         "",
         _summary(id_type, corpus_size, dataset_name),
@@ -129,7 +138,6 @@ def build_model_card(
         "constrained by a prefix trie over the identifiers, so every key it returns is an image of the corpus.",
         "",
     ])
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
 def usage_snippet(location: str, example_query: str) -> str:
