@@ -13,7 +13,12 @@ from tokenization_gcmr.tokenization_gcmr import ImageIdTokenizer
 
 from .configuration_gcmr import GcmrConfig
 from .modeling_gcmr import GcmrForRetrieval, GcmrPreTrainedModel, GcmrSeq2SeqOutput
-from .pipeline_gcmr import PIPELINE_TASK, GcmrRetrievalPipeline, register_pipeline_in_config, register_retrieval_pipeline
+from .pipeline_gcmr import (
+    PIPELINE_TASK,
+    GcmrRetrievalPipeline,
+    register_pipeline_in_config,
+    register_retrieval_pipeline,
+)
 from .prefix_trie_logits_processor import PrefixTrieLogitsProcessor, constrained_generate
 from .query_inputs_gcmr import UnusableQueryWarning
 

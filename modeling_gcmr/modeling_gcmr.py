@@ -14,25 +14,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForSeq2SeqLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .atomic_write_gcmr import load_checked, save_staged
 from .configuration_gcmr import GcmrConfig
-from .encoding_gcmr import FrozenEncoderCache, GcmrEncoderOutput, GcmrImageProjector, identity_init_, pool_text
+from .encoding_gcmr import (
+    FrozenEncoderCache,
+    GcmrEncoderOutput,
+    GcmrImageProjector,
+    as_encoder_output,
+    encode_inputs,
+    image_inputs,
+)
 from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
 from .identifier_head_gcmr import IdentifierHead
+from .identifier_loss_gcmr import identifier_head_loss
 from .pipeline_gcmr import register_pipeline_in_config
 from .retrieval_gcmr import retrieve
+from .text_head_gcmr import LABEL_PAD_ID, shift_right, text_head_loss
 from .vocabulary_gcmr import check_tokenizer, set_identifier_vocabulary
-
-LABEL_PAD_ID = -100
 
 
 @dataclass
@@ -150,7 +155,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         self.fusion = None
         if config.fusion == "coarse_to_fine":
             self._check_fusion_backbone()
-            self.fusion = CoarseToFineFusion(self._encoder_depth(), width, config.decoder_hidden_size,
+            self.fusion = CoarseToFineFusion(self.encoder_depth(), width, config.decoder_hidden_size,
                                              config.fusion_num_heads)
         self.query_projection = self.image_query_projection = self.vision_query_projection = None
         self.identifier_head = None
@@ -182,20 +187,20 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
                                                   config.score_scale)
 
     # ----------------------------------------------------------------------------------------------- backbone access
-    def _is_encoder_decoder_pair(self) -> bool:
+    def is_encoder_decoder_pair(self) -> bool:
         return self.backbone.config.model_type == "encoder-decoder"
 
     def _check_fusion_backbone(self) -> None:
-        if not self._is_encoder_decoder_pair() and not (hasattr(self.backbone, "decoder")
+        if not self.is_encoder_decoder_pair() and not (hasattr(self.backbone, "decoder")
                                                         and hasattr(self.backbone, "lm_head")):
             raise ValueError(
                 f"fusion='coarse_to_fine' needs a T5-style backbone (with .decoder and .lm_head) or an "
                 f"EncoderDecoderModel; {type(self.backbone).__name__} is neither. Use fusion='none' with this backbone."
             )
 
-    def _encoder_depth(self) -> int:
+    def encoder_depth(self) -> int:
         text = self.config.text_config
-        return int((text.encoder if self._is_encoder_decoder_pair() else text).num_hidden_layers)
+        return int((text.encoder if self.is_encoder_decoder_pair() else text).num_hidden_layers)
 
     def get_encoder(self, modality: str | None = None) -> nn.Module:
         """The multimodal encoder (text + visual tokens) that `generate()` runs; the vision tower for images."""
@@ -219,7 +224,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
     def token_embedding_weights(self) -> list[torch.Tensor]:
         """Every matrix with one row per token (encoder/decoder input embeddings, LM head), each once."""
         modules = [self.backbone.get_input_embeddings(), self.backbone.get_output_embeddings()]
-        if self._is_encoder_decoder_pair():
+        if self.is_encoder_decoder_pair():
             modules.append(self.backbone.decoder.get_input_embeddings())
         matrices: dict[int, torch.Tensor] = {}
         for module in modules:
@@ -231,7 +236,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
                                 mean_resizing: bool = True) -> nn.Embedding:
         """Resize the input and output token embeddings of the backbone (both halves of an encoder-decoder pair)."""
         self.encoder_cache.clear()
-        if self._is_encoder_decoder_pair():
+        if self.is_encoder_decoder_pair():
             # EncoderDecoderModel refuses to resize itself; its two halves each can
             self.backbone.decoder.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
             return self.backbone.encoder.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
@@ -251,7 +256,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         self.text_encoder().requires_grad_(not frozen)
         self.encoder_cache.clear()
 
-    def _text_encoder_is_frozen(self) -> bool:
+    def text_encoder_is_frozen(self) -> bool:
         return not any(parameter.requires_grad for parameter in self.text_encoder().parameters())
 
     # ----------------------------------------------------------------------------------------- identifier vocabulary
@@ -317,17 +322,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         return self.image_features if self.config.stores_image_features else None
 
     # ---------------------------------------------------------------------------------------------------- encoding
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        vision = self.config.vision_config
-        channels = int(getattr(vision, "num_channels", 3))
-        size = getattr(vision, "image_size", None)
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (channels, height, width):
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, {height}, {width}) for this vision tower "
-                f"({vision.model_type}), got {tuple(pixel_values.shape)}; resize/convert the images (RGB, "
-                f"{height}x{width}) with the model's image processor"
-            )
 
     def get_image_features(self, pixel_values: torch.FloatTensor | None = None,
                            image_embeds: torch.FloatTensor | None = None,
@@ -337,205 +331,18 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
 
         The vision tower and projectors run only on the rows with an image; the other rows get zeros.
         """
-        if pixel_values is not None and image_embeds is not None:
-            raise ValueError("pass either pixel_values or image_embeds for a batch, not both")
-        if pixel_values is not None:
-            if self.vision_tower is None:
-                raise ValueError("this model has no vision tower (config.vision_config is None); pass image_embeds")
-            self._check_pixel_values(pixel_values)
-            images = pixel_values
-        else:
-            if self.embed_projector is None:
-                raise ValueError("this model takes no image_embeds (config.image_embed_dim is None)")
-            if image_embeds.ndim not in (2, 3) or image_embeds.shape[-1] != self.embed_projector.in_dim:
-                raise ValueError(
-                    f"image_embeds must have shape (batch, {self.embed_projector.in_dim}) or "
-                    f"(batch, n, {self.embed_projector.in_dim}), got {tuple(image_embeds.shape)}"
-                )
-            images = image_embeds
-        batch = images.shape[0]
-        image_mask = torch.ones(batch, dtype=torch.bool, device=images.device) if image_mask is None else image_mask
-        image_mask = image_mask.to(device=images.device, dtype=torch.bool)
-        if image_mask.shape != (batch,):
-            raise ValueError(f"image_mask must have shape ({batch},), got {tuple(image_mask.shape)}")
-        rows = torch.nonzero(image_mask).flatten()
-        visual = torch.zeros(batch, self.config.num_visual_tokens, self.config.encoder_hidden_size,
-                             device=images.device, dtype=self.dtype)
-        queries = None
-        if self.query_projection is not None:
-            queries = torch.zeros(batch, self.config.identifier_dim, device=images.device, dtype=self.dtype)
-        if len(rows):
-            if pixel_values is not None:
-                tower = self.vision_tower(pixel_values=images[rows].to(self.vision_tower.dtype), return_dict=True)
-                pooled = getattr(tower, "pooler_output", None)
-                features = pooled if pooled is not None else tower.last_hidden_state[:, 0]
-                tokens, query_projection = self.vision_projector(features), self.vision_query_projection
-            else:
-                features = images[rows].to(self.dtype)
-                tokens, query_projection = self.embed_projector(features), self.image_query_projection
-                features = features.mean(dim=1) if features.ndim == 3 else features
-            visual = visual.index_copy(0, rows, tokens.to(visual.dtype))
-            if queries is not None:
-                queries = queries.index_copy(0, rows, F.normalize(query_projection(features), dim=-1).to(queries.dtype))
-        return visual, image_mask, queries
+        return image_inputs(self, pixel_values, image_embeds, image_mask)
+
 
     def encode(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None,
                image_mask: torch.BoolTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
                output_attentions: bool | None = None, output_hidden_states: bool | None = None) -> GcmrEncoderOutput:
         """The decoder's memory and the query vectors: visual tokens first, then the text encoder's states."""
-        has_images = pixel_values is not None or image_embeds is not None
-        if input_ids is not None and inputs_embeds is not None:
-            raise ValueError("pass input_ids or inputs_embeds, not both")
-        if self.config.images_through_encoder:
-            return self._encode_format1(input_ids, attention_mask, pixel_values, image_embeds, image_mask,
-                                        inputs_embeds, output_attentions, output_hidden_states)
-        if input_ids is None and inputs_embeds is None and not has_images:
-            raise ValueError("nothing to encode: pass input_ids (a text query) and/or image_embeds or pixel_values")
-        want_layers = self.fusion is not None
-        parts, masks, layer_parts = [], [], []
-        text_queries = image_queries = image_rows = text_dense = image_dense = None
-        if has_images:
-            visual, image_rows, image_queries = self.get_image_features(pixel_values, image_embeds, image_mask)
-            if image_embeds is not None and image_embeds.shape[-1] == self.config.identifier_dim:
-                image_dense = F.normalize((image_embeds.mean(1) if image_embeds.ndim == 3 else image_embeds).float(), dim=-1)
-            parts.append(visual)
-            masks.append(image_rows[:, None].expand(-1, visual.shape[1]).long())
-            if want_layers:
-                layer_parts.append(visual[:, None].expand(-1, self._encoder_depth(), -1, -1))
-        text = None
-        if input_ids is not None or inputs_embeds is not None:
-            text = self._encode_text(input_ids, attention_mask, inputs_embeds, want_layers, output_attentions,
-                                     output_hidden_states)
-            parts.append(text.last_hidden_state)
-            masks.append(text.attention_mask.long())
-            if want_layers:
-                layer_parts.append(text.layer_states)
-            text_queries = F.normalize(self.query_projection(text.query_vectors.to(self.dtype)), dim=-1)
-            if text.query_vectors.shape[-1] == self.config.identifier_dim:
-                text_dense = F.normalize(text.query_vectors.float(), dim=-1)
-        batches = {part.shape[0] for part in parts}
-        if len(batches) != 1:
-            raise ValueError(f"images and text disagree on the batch size ({sorted(batches)}); give one image (or a "
-                             "zero row with image_mask False) per text row")
-        # A row with an image is a memorize row: the image is its query.
-        queries = _by_row(image_rows, image_queries, text_queries)
-        dense_known = (not has_images or image_dense is not None) and (text is None or text_dense is not None)
-        dense = _by_row(image_rows, image_dense, text_dense) if dense_known else None
-        return GcmrEncoderOutput(
-            last_hidden_state=torch.cat([part.to(self.dtype) for part in parts], dim=1),
-            hidden_states=text.hidden_states if text is not None else None,
-            attentions=text.attentions if text is not None else None,
-            attention_mask=torch.cat(masks, dim=1),
-            layer_states=torch.cat(layer_parts, dim=2) if want_layers else None,
-            query_vectors=queries,
-            dense_vectors=dense,
-            image_rows=image_rows,
-        )
-
-    def _encode_text(self, input_ids, attention_mask, inputs_embeds, want_layers, output_attentions,
-                     output_hidden_states) -> GcmrEncoderOutput:
-        """Text states (and pooled text in `query_vectors`, before the projection); a frozen encoder is run without
-        dropout, and in training from the cache."""
-        reference = input_ids if input_ids is not None else inputs_embeds
-        if attention_mask is None:
-            attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
-        frozen = self._text_encoder_is_frozen()
-        if frozen and self.training and input_ids is not None and not (output_attentions or output_hidden_states):
-            return self._encode_text_cached(input_ids, attention_mask, want_layers)
-        return self._run_text_encoder(input_ids, attention_mask, inputs_embeds, want_layers, output_attentions,
-                                      output_hidden_states, frozen)
-
-    def _run_text_encoder(self, input_ids, attention_mask, inputs_embeds, want_layers, output_attentions,
-                          output_hidden_states, frozen) -> GcmrEncoderOutput:
-        encoder = self.text_encoder()
-        was_training = encoder.training
-        if frozen:
-            encoder.eval()
-        try:
-            # Only the given input: some encoders (CLIP's text tower) take no inputs_embeds argument at all.
-            given = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                out = encoder(**given, attention_mask=attention_mask, return_dict=True,
-                              output_hidden_states=want_layers or bool(output_hidden_states),
-                              output_attentions=output_attentions)
-        finally:
-            encoder.train(was_training)
-        pooled = pool_text(out.last_hidden_state, attention_mask, self.config.query_pooling,
-                           getattr(out, "pooler_output", None))
-        return GcmrEncoderOutput(
-            last_hidden_state=out.last_hidden_state, attention_mask=attention_mask,
-            hidden_states=out.hidden_states if output_hidden_states else None,
-            attentions=out.attentions if output_attentions else None,
-            layer_states=torch.stack(out.hidden_states[1:], dim=1) if want_layers else None, query_vectors=pooled,
-        )
-
-    def _encode_text_cached(self, input_ids, attention_mask, want_layers) -> GcmrEncoderOutput:
-        lengths = attention_mask.sum(dim=1).tolist()
-        keys = [row[:length].cpu().numpy().tobytes() for row, length in zip(input_ids, lengths)]
-        entries = [self.encoder_cache.get(key) for key in keys]
-        missing = [row for row, entry in enumerate(entries) if entry is None or (want_layers and len(entry) < 3)]
-        if missing:
-            width = max(lengths[row] for row in missing)
-            computed = self._run_text_encoder(input_ids[missing, :width], attention_mask[missing, :width], None,
-                                              want_layers, None, None, frozen=True)
-            for position, row in enumerate(missing):
-                entry = (computed.last_hidden_state[position, : lengths[row]].cpu(),
-                         computed.query_vectors[position].cpu())
-                if want_layers:
-                    entry += (computed.layer_states[position, :, : lengths[row]].cpu(),)
-                self.encoder_cache.put(keys[row], entry)
-                entries[row] = entry
-        width, device = max(lengths), input_ids.device
-        states = torch.zeros(len(keys), width, entries[0][0].shape[-1], device=device)
-        layers = torch.zeros(len(keys), self._encoder_depth(), width, states.shape[-1], device=device) if want_layers else None
-        for row, entry in enumerate(entries):
-            states[row, : lengths[row]] = entry[0]
-            if want_layers:
-                layers[row, :, : lengths[row]] = entry[2]
-        mask = (torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]).long()
-        pooled = torch.stack([entry[1] for entry in entries]).to(device)
-        return GcmrEncoderOutput(last_hidden_state=states, attention_mask=mask, layer_states=layers,
-                                 query_vectors=pooled)
-
-    def _encode_format1(self, input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds,
-                        output_attentions, output_hidden_states) -> GcmrEncoderOutput:
-        """Format 1: visual tokens prepended to the text embeddings and encoded together (checkpoints before 2)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("format 1 checkpoints encode images with a text prompt: pass input_ids")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        batch, length = inputs_embeds.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
-        if pixel_values is not None or image_embeds is not None:
-            visual, image_mask, _ = self.get_image_features(pixel_values, image_embeds, image_mask)
-            if visual.shape[0] != batch:
-                raise ValueError(f"{visual.shape[0]} images for {batch} text rows; give one (or a zero row) per row")
-            inputs_embeds = torch.cat([visual.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-            visual_mask = image_mask[:, None].expand(batch, visual.shape[1]).to(attention_mask.dtype)
-            attention_mask = torch.cat([visual_mask, attention_mask], dim=1)
-        want_layers = self.fusion is not None or bool(output_hidden_states)
-        encoded = self.text_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      output_hidden_states=want_layers, output_attentions=output_attentions,
-                                      return_dict=True)
-        return GcmrEncoderOutput(
-            last_hidden_state=encoded.last_hidden_state,
-            hidden_states=encoded.hidden_states if output_hidden_states else None,
-            attentions=encoded.attentions if output_attentions else None,
-            attention_mask=attention_mask,
-            layer_states=torch.stack(encoded.hidden_states[1:], dim=1) if self.fusion is not None else None,
-        )
-
-    # ---------------------------------------------------------------------------------------------------- decoding
-    def _shift_right(self, labels: torch.LongTensor) -> torch.LongTensor:
-        shifted = labels.new_full(labels.shape, self.config.pad_token_id)
-        shifted[:, 1:] = labels[:, :-1]
-        shifted[:, 0] = self.config.decoder_start_token_id
-        return shifted.masked_fill(shifted == LABEL_PAD_ID, self.config.pad_token_id)
+        return encode_inputs(self, input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds, output_attentions, output_hidden_states)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
-        return self._shift_right(labels)
+        return shift_right(self, labels)
 
     def decoder_states(self, inputs_embeds: torch.Tensor, encoded: GcmrEncoderOutput, rows: torch.Tensor | None = None,
                        cache: Any = None, use_cache: bool | None = None,
@@ -549,7 +356,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             layers = layers[rows] if layers is not None else None
         if use_cache and cache is None:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        if self._is_encoder_decoder_pair():
+        if self.is_encoder_decoder_pair():
             decoder = self.backbone.decoder.base_model
             if hasattr(self.backbone, "enc_to_dec_proj"):
                 memory = self.backbone.enc_to_dec_proj(memory)
@@ -565,31 +372,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             states = self.fusion(states, layers, mask)
         return states, out.cache
 
-    def _text_decode(self, encoded: GcmrEncoderOutput, decoder_input_ids, decoder_attention_mask, cache,
-                     use_cache) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """(logits, final decoder states or None, cache) of the text head."""
-        if self.fusion is None:
-            out = self.backbone(attention_mask=encoded.attention_mask,
-                                encoder_outputs=BaseModelOutput(last_hidden_state=encoded.last_hidden_state),
-                                decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                                cache=cache, use_cache=use_cache, return_dict=True)
-            return out.logits, None, out.cache
-        embeddings = self.backbone.get_decoder().get_input_embeddings()
-        states, cache = self.decoder_states(embeddings(decoder_input_ids), encoded, cache=cache, use_cache=use_cache,
-                                            attention_mask=decoder_attention_mask)
-        return self._lm_head(states), states, cache
-
-    def _lm_head(self, states: torch.Tensor) -> torch.Tensor:
-        if self._is_encoder_decoder_pair():
-            decoder_lm = self.backbone.decoder
-            heads = [m for n, m in decoder_lm.named_children() if n != decoder_lm.base_model_prefix]
-            if len(heads) != 1:
-                raise ValueError(f"cannot find the LM head of {type(decoder_lm).__name__} (children: {heads})")
-            return heads[0](states)
-        if getattr(self.backbone.config, "scale_decoder_outputs", False):
-            # T5 with tied embeddings rescales before the LM head
-            states = states * (self.backbone.config.d_model**-0.5)
-        return self.backbone.lm_head(states)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -624,7 +406,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         Other keyword arguments that `generate()` or the Trainer pass along are ignored.
         """
         if encoder_outputs is not None:
-            encoder_outputs = _as_encoder_output(encoder_outputs, attention_mask)
+            encoder_outputs = as_encoder_output(encoder_outputs, attention_mask)
         rdrop = labels is not None and self.training and self.config.consistency_weight > 0
         if rdrop:
             # two dropout passes as one doubled batch
@@ -637,10 +419,10 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             encoder_outputs = self.encode(input_ids, attention_mask, pixel_values, image_embeds, image_mask,
                                           inputs_embeds, output_attentions, output_hidden_states)
         if self.config.identifier_head == "identifier":
-            loss, logits, states, consistency = self._identifier_loss(encoder_outputs, labels, rdrop)
+            loss, logits, states, consistency = identifier_head_loss(self, encoder_outputs, labels, rdrop)
             cache = None
         else:
-            loss, logits, states, cache, consistency = self._text_loss(
+            loss, logits, states, cache, consistency = text_head_loss(self, 
                 encoder_outputs, labels, decoder_input_ids, decoder_attention_mask, cache, use_cache, rdrop)
         output = GcmrSeq2SeqOutput(
             loss=loss, logits=logits, cache=cache,
@@ -652,99 +434,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _text_loss(self, encoded, labels, decoder_input_ids, decoder_attention_mask, cache, use_cache, rdrop):
-        if labels is not None and decoder_input_ids is None:
-            decoder_input_ids = self._shift_right(labels)
-        if labels is not None:
-            use_cache = False
-        logits, states, cache = self._text_decode(encoded, decoder_input_ids, decoder_attention_mask, cache, use_cache)
-        loss = consistency = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=LABEL_PAD_ID)
-            if rdrop:
-                first, second = logits.float().chunk(2)
-                consistency = _symmetric_kl(first, second, labels.chunk(2)[0] != LABEL_PAD_ID)
-                loss = loss + self.config.consistency_weight * consistency
-                logits = logits.chunk(2)[0]
-        return loss, logits, states, cache if use_cache is not False else None, consistency
-
-    def _identifier_loss(self, encoded, labels, rdrop):
-        head = self.identifier_head
-        if labels is None:
-            # No path to follow: every identifier scored with its step-0 query vector (the decoder-free estimate).
-            summed = torch.zeros(head.num_identifiers, head.edge_vectors.shape[1], device=head.edge_vectors.device)
-            paths = head.paths.long()
-            for depth in range(paths.shape[1]):
-                valid = paths[:, depth] >= 0
-                summed[valid] += head.edge_vectors[paths[valid, depth]]
-            return None, head.scale * encoded.query_vectors @ summed.T, None, None
-        gold = head.identifier_index(labels.to(head.paths.device), self.config.eos_token_id)
-        paths = head.paths.long()[gold]
-        states, _ = self.decoder_states(head.decoder_inputs(paths), encoded)
-        base = self._interpolated_queries(encoded, paths)
-        candidates, gold_position = head.candidates(gold)
-        teacher = self._teacher_scores(encoded, candidates)
-        loss, logits = head.loss(head.step_queries(base, states), gold_position, self.config.prefix_loss_weight,
-                                 teacher, self.config.distill_weight, candidates)
-        if self.config.hard_negatives > 0 and self.training:
-            loss = loss + self._hard_negative_loss(encoded, base, logits, gold_position, candidates)
-        consistency = None
-        if rdrop:
-            first, second = logits.float().chunk(2)
-            consistency = _symmetric_kl(first[:, None], second[:, None], torch.ones(len(first), 1, device=first.device))
-            loss = loss + self.config.consistency_weight * consistency
-            logits = logits.chunk(2)[0]
-        return loss, logits, states, consistency
-
-    def _hard_negative_loss(self, encoded: GcmrEncoderOutput, base: torch.Tensor, logits: torch.Tensor,
-                            gold_position: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
-        """Cross-entropy of the gold identifier against the hardest negatives, each scored with its *own* decoder
-        states. The softmax over all identifiers scores every candidate with the gold path's query vectors (one
-        decoder pass instead of one per identifier); beam search scores each path with its own, and a decoder
-        trained on gold prefixes alone learns to boost any path it follows (R@10 rose, R@1 fell on f30k-dev).
-        Scoring the negatives that look best under the shared vectors with their own states closes that gap."""
-        head = self.identifier_head
-        count = min(self.config.hard_negatives, logits.shape[1] - 1)
-        with torch.no_grad():
-            masked = logits.detach().scatter(1, gold_position[:, None], float("-inf"))
-            negatives = masked.topk(count, dim=1).indices
-            if candidates is not None:
-                negatives = candidates[negatives]
-        batch = len(negatives)
-        rows = torch.arange(batch, device=negatives.device).repeat_interleave(count)
-        paths = head.paths.long()[negatives.flatten()]
-        states, _ = self.decoder_states(head.decoder_inputs(paths), encoded, rows=rows)
-        queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
-        steps = (queries * head.edge_vectors[paths.clamp(min=0)]).sum(-1) * (paths >= 0)
-        negative_scores = (head.scale * steps.sum(1)).view(batch, count)
-        gold_scores = logits.gather(1, gold_position[:, None])
-        scores = torch.cat([gold_scores, negative_scores], dim=1).float()
-        return F.cross_entropy(scores, torch.zeros(batch, dtype=torch.long, device=scores.device))
-
-    def _interpolated_queries(self, encoded: GcmrEncoderOutput, paths: torch.Tensor) -> torch.Tensor:
-        """GENIUS's query/target interpolation on a share of the text rows while training."""
-        queries, probability = encoded.query_vectors, self.config.interpolation_prob
-        if not (self.training and probability > 0):
-            return queries
-        head = self.identifier_head
-        target = (head.edge_vectors[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(1).detach()
-        mix = torch.rand(len(queries), device=queries.device) < probability
-        if encoded.image_rows is not None:
-            mix &= ~encoded.image_rows
-        share = torch.distributions.Beta(2.0, 2.0).sample((len(queries), 1)).to(queries.device)
-        mixed = F.normalize(share.sqrt() * queries + (1 - share).sqrt() * F.normalize(target, dim=-1), dim=-1)
-        return torch.where(mix[:, None], mixed, queries)
-
-    def _teacher_scores(self, encoded: GcmrEncoderOutput, candidates: torch.Tensor | None) -> torch.Tensor | None:
-        """Dense teacher logits for distillation: each query before any learned map against the stored features."""
-        if not (self.config.distill_weight > 0 and self.training):
-            return None
-        if self.stored_image_features is None or encoded.dense_vectors is None:
-            raise ValueError("distill_weight > 0 needs stored image features (store_image_features) and queries that "
-                             "live in their space (text encoder width = image feature width, or image features)")
-        features = self.stored_image_features if candidates is None else self.stored_image_features[candidates]
-        return self.config.score_scale * encoded.dense_vectors @ features.T.float()
 
     def generate(self, *args: Any, **kwargs: Any):
         """`generate()` of the text head; identifier-head models decode with `retrieve()` (trie beam search)."""
@@ -792,45 +481,10 @@ def _projection(in_dim: int, out_dim: int, identity: bool) -> nn.Linear:
     return linear
 
 
-def _by_row(image_rows: torch.Tensor | None, image_part: torch.Tensor | None,
-            text_part: torch.Tensor | None) -> torch.Tensor | None:
-    """Per row: the image's vector where the row carries an image, else the text's."""
-    if text_part is None or image_rows is None:
-        return image_part if text_part is None else text_part
-    return torch.where(image_rows[:, None], image_part.to(text_part.dtype), text_part)
-
-
 def _twice(x: Any) -> Any:
     return torch.cat([x, x], dim=0) if isinstance(x, torch.Tensor) else x
 
 
-def _as_encoder_output(encoder_outputs: Any, attention_mask: torch.Tensor | None) -> GcmrEncoderOutput:
-    """Accept a GcmrEncoderOutput, a BaseModelOutput or a tuple; fill in the mask from `attention_mask`."""
-    if isinstance(encoder_outputs, GcmrEncoderOutput):
-        encoded = encoder_outputs
-    elif isinstance(encoder_outputs, ModelOutput):
-        encoded = GcmrEncoderOutput(last_hidden_state=encoder_outputs.last_hidden_state,
-                                    hidden_states=getattr(encoder_outputs, "hidden_states", None),
-                                    attentions=getattr(encoder_outputs, "attentions", None))
-    else:
-        encoded = GcmrEncoderOutput(last_hidden_state=encoder_outputs[0])
-    if encoded.attention_mask is None:
-        batch, length = encoded.last_hidden_state.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=encoded.last_hidden_state.device)
-        if attention_mask.shape != (batch, length):
-            raise ValueError(
-                f"attention_mask {tuple(attention_mask.shape)} does not cover the encoder output ({batch}, {length})"
-            )
-        encoded.attention_mask = attention_mask
-    return encoded
-
-
-def _symmetric_kl(first: torch.Tensor, second: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(KL(p1||p2) + KL(p2||p1)) / 2, summed over the last axis and averaged over the kept positions."""
-    log_p, log_q = torch.log_softmax(first, dim=-1), torch.log_softmax(second, dim=-1)
-    per_position = 0.5 * ((log_p.exp() * (log_p - log_q)).sum(-1) + (log_q.exp() * (log_q - log_p)).sum(-1))
-    return (per_position * keep).sum() / keep.sum().clamp_min(1)
 
 
 __all__ = ["GcmrForRetrieval", "GcmrPreTrainedModel", "GcmrSeq2SeqOutput", "GcmrEncoderOutput", "LABEL_PAD_ID"]

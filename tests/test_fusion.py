@@ -103,7 +103,7 @@ def test_model_fuses_every_encoder_layer(backbone):
     model = tester.model(backbone=backbone, fusion="coarse_to_fine", vision=None).eval()
     batch = tester.batch("embeds")
     encoded = model.get_encoder()(**{k: v for k, v in batch.items() if k != "labels"})
-    depth = model._encoder_depth()
+    depth = model.encoder_depth()
     assert encoded.layer_states.shape[:3] == (tester.batch_size, depth, tester.text_length + 2)
     with torch.no_grad():
         for module in (model.fusion.coarse_attention.out_proj, model.fusion.fine_attention.out_proj):
