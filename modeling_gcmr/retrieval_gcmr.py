@@ -114,19 +114,22 @@ def search(model: Any, tokenizer: Any, inputs: dict[str, torch.Tensor], top_k: i
 
 def _rerank(model: Any, query_vectors: torch.Tensor, hits: list[list[tuple[int, float]]], top_k: int, mode: str,
             weight: float) -> list[list[tuple[int, float]]]:
+    """The beam's candidates re-scored by `scale * q_0 . x_i` (or that plus the generative score), all rows at once."""
     features = model.stored_image_features
+    width = max((len(row) for row in hits), default=0)
+    if width == 0:
+        return [[] for _ in hits]
     scale = float(model.identifier_head.scale) if model.identifier_head is not None else model.config.score_scale
-    reranked = []
-    for query, row in zip(query_vectors, hits):
-        if not row:
-            reranked.append([])
-            continue
-        indices = torch.tensor([key for key, _ in row], device=features.device)
-        dense = (scale * features[indices].float() @ query.float().to(features.device)).tolist()
-        scores = dense if mode == "features" else [score + weight * d for (_, score), d in zip(row, dense)]
-        order = sorted(range(len(row)), key=lambda i: -scores[i])[:top_k]
-        reranked.append([(row[i][0], float(scores[i])) for i in order])
-    return reranked
+    indices = torch.tensor([[key for key, _ in row] + [0] * (width - len(row)) for row in hits], device=features.device)
+    generative = torch.tensor([[score for _, score in row] + [0.0] * (width - len(row)) for row in hits],
+                              device=features.device)
+    dense = scale * torch.einsum("bkd,bd->bk", features[indices].float(), query_vectors.float().to(features.device))
+    scores = dense if mode == "features" else generative + weight * dense
+    lengths = torch.tensor([len(row) for row in hits], device=features.device)
+    scores = scores.masked_fill(torch.arange(width, device=features.device)[None] >= lengths[:, None], float("-inf"))
+    best, order = scores.topk(min(top_k, width), dim=1)
+    return [[(int(indices[row, column]), float(score)) for column, score in zip(order[row].tolist(), best[row].tolist())
+             if score != float("-inf")] for row in range(len(hits))]
 
 
 def _image_inputs(model: Any, tokenizer: Any, name: str, images: torch.Tensor,

@@ -214,3 +214,64 @@ def test_image_queries_through_gcmr_retrieve(setups):
     for row in hits:
         assert len(row) == 4 and len({key for key, _ in row}) == 4
         assert {key for key, _ in row} <= set(tokenizer.keys)
+
+
+@pytest.fixture(scope="module")
+def with_features(text_tokenizer, caption_corpus):
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "coarse_fine")
+    model = make_model(tokenizer, seed=4)
+    model.store_image_features(torch.as_tensor(embeddings()))
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("mode", ["features", "hybrid"])
+def test_rerank_equals_a_brute_force_rescore_of_the_beam(with_features, mode):
+    model, tokenizer = with_features
+    queries = ["a red circle left of a blue square", "a big green star", "3 tiny pink rings above a cross"]
+    beam = model.retrieve(queries, tokenizer, top_k=6, num_beams=6)
+    reranked = model.retrieve(queries, tokenizer, top_k=4, num_beams=6, rerank=mode, rerank_weight=0.5)
+    inputs, _ = query_inputs_gcmr.tokenize_queries(tokenizer, queries, model.config.query_token_limit)
+    with torch.no_grad():
+        query_vectors = model.encode(**inputs).query_vectors
+    features, scale = model.stored_image_features, model.identifier_head.scale.item()
+    for query, candidates, got in zip(query_vectors, beam, reranked):
+        brute = []
+        for key, generative in candidates:
+            dense = scale * float(features[tokenizer.keys.index(key)] @ query)
+            brute.append((key, dense if mode == "features" else generative + 0.5 * dense))
+        brute.sort(key=lambda pair: -pair[1])
+        assert [key for key, _ in got] == [key for key, _ in brute[:4]]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in brute[:4]], rtol=1e-4, atol=1e-4)
+
+
+def test_rerank_needs_stored_features_and_they_travel_with_the_checkpoint(with_features, setups, tmp_path):
+    from modeling_gcmr import save_retriever
+
+    tokenizer, model = setups["atomic"]
+    with pytest.raises(ValueError, match="rerank needs image features stored with the checkpoint"):
+        model.retrieve(["a red circle"], tokenizer, rerank="features")
+    with pytest.raises(ValueError, match="rerank must be one of"):
+        model.retrieve(["a red circle"], tokenizer, rerank="dense")
+    model, tokenizer = with_features
+    save_retriever(model, tokenizer, tmp_path / "checkpoint")
+    loaded = GcmrForRetrieval.from_pretrained(tmp_path / "checkpoint")
+    torch.testing.assert_close(loaded.stored_image_features, model.stored_image_features)
+    queries = ["a red circle left of a blue square", "a big green star"]
+    want = model.retrieve(queries, tokenizer, top_k=3, rerank="hybrid")
+    got = loaded.retrieve(queries, tokenizer, top_k=3, rerank="hybrid")
+    assert [[k for k, _ in row] for row in got] == [[k for k, _ in row] for row in want]
+    with pytest.raises(ValueError, match=r"image features must have shape \(60, 8\)"):
+        model.store_image_features(torch.zeros(3, 8))
+
+
+def test_the_pipeline_passes_rerank_through(with_features):
+    from transformers import pipeline
+
+    from modeling_gcmr import PIPELINE_TASK
+
+    model, tokenizer = with_features
+    pipe = pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
+    query = "a red circle left of a blue square"
+    expected = model.retrieve([query], tokenizer, top_k=3, rerank="features")[0]
+    assert [(r["image_key"], pytest.approx(r["score"], abs=1e-4)) for r in pipe(query, top_k=3, rerank="features")] \
+        == [(k, pytest.approx(s, abs=1e-4)) for k, s in expected]
