@@ -39,6 +39,10 @@ from .retrieval_gcmr import retrieve
 from .text_head_gcmr import LABEL_PAD_ID, shift_right, text_head_loss
 from .vocabulary_gcmr import check_tokenizer, set_identifier_vocabulary
 
+# Standard deviation of new weights (BERT's and T5's convention); projections that must start as the identity or
+# at zero are marked on the module instead (`gcmr_init`).
+INIT_STD = 0.02
+
 
 @dataclass
 class GcmrSeq2SeqOutput(ModelOutput):
@@ -107,7 +111,7 @@ class GcmrPreTrainedModel(PreTrainedModel):
             elif start == "zeros":
                 init.zeros_(module.weight)
             else:
-                init.normal_(module.weight, mean=0.0, std=0.02)
+                init.normal_(module.weight, mean=0.0, std=INIT_STD)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -120,7 +124,7 @@ class GcmrPreTrainedModel(PreTrainedModel):
             init.constant_(module.layer_mix, 1.0 / module.num_layers)
             init.zeros_(module.fine_layer_logits)
         elif isinstance(module, IdentifierHead):
-            init.normal_(module.start_input, mean=0.0, std=0.02)
+            init.normal_(module.start_input, mean=0.0, std=INIT_STD)
             init.constant_(module.log_scale, float(torch.tensor(self.config.score_scale).log()))
 
 

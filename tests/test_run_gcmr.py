@@ -122,3 +122,48 @@ def test_run_gcmr_picks_an_embedding_init_every_id_type_supports(tmp_path):
         cwd=tmp_path,
     )
     assert (out / "retriever" / "model.safetensors").is_file()
+
+
+def _run_gcmr_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import run_gcmr
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return run_gcmr
+
+
+def test_memorize_ratio_zero_trains_on_captions_alone(tmp_path):
+    # Issue 8: crashed with "Failed to concatenate on axis=1" after the baseline had trained.
+    results = _run_gcmr_module().main([
+        "--output_dir", str(tmp_path / "out"), "--do_train", "--synthetic_num_images", "6", "--memorize_ratio", "0",
+        "--id_type", "atomic", "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+        *TINY_MODEL])
+    assert results["epoch"] > 0
+    assert (tmp_path / "out" / "retriever" / "model.safetensors").is_file()
+
+
+def test_do_eval_without_held_out_queries_says_so_and_metrics_are_printed(tmp_path, capsys, caplog):
+    run_gcmr = _run_gcmr_module()
+    common = ["--do_train", "--do_eval", "--id_type", "atomic", "--max_steps", "2", "--per_device_train_batch_size",
+              "4", "--save_strategy", "no", *TINY_MODEL]
+    with caplog.at_level("WARNING"):
+        run_gcmr.main(["--output_dir", str(tmp_path / "one"), "--synthetic_num_images", "6",
+                       "--synthetic_captions_per_image", "1", *common])
+    assert any("there are no held-out queries" in record.getMessage() for record in caplog.records)
+    results = run_gcmr.main(["--output_dir", str(tmp_path / "two"), "--synthetic_num_images", "6", *common])
+    printed = capsys.readouterr().out
+    assert f"eval_recall@1: {results['eval_recall@1']:.4f}" in printed
+    assert f"retriever: {tmp_path / 'two' / 'retriever'}" in printed
+
+
+def test_the_vision_tower_is_sized_for_the_corpus_images(imagefolder, tmp_path):
+    # Issue 8: --image_size defaulted to 224 for a corpus of 32-pixel images.
+    from modeling_gcmr import GcmrForRetrieval
+
+    _run_gcmr_module().main([
+        "--corpus", str(imagefolder), "--output_dir", str(tmp_path / "out"), "--do_train", "--image_input", "pixels",
+        "--vision_hidden_size", "32", "--vision_layers", "1", "--id_type", "atomic", "--max_steps", "1",
+        "--per_device_train_batch_size", "4", "--save_strategy", "no", *TINY_MODEL])
+    model = GcmrForRetrieval.from_pretrained(tmp_path / "out" / "retriever")
+    assert model.config.vision_config.image_size == 32

@@ -30,6 +30,8 @@ from .identifier_table import (
 from .prefix_trie import PrefixTrie
 
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+# transformers marks "no limit" with a huge model_max_length (1e30); anything this large is no real limit.
+NO_LENGTH_LIMIT = 10**9
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VOCAB_FILES_NAMES = {
     "text_tokenizer_file": TEXT_TOKENIZER_FILE,
@@ -148,7 +150,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         if text_tokenizer is not None:
             backend, specials = _copy_backend(text_tokenizer)
             max_length = getattr(text_tokenizer, "model_max_length", None)
-            if isinstance(max_length, int) and max_length < 10**9:
+            if isinstance(max_length, int) and max_length < NO_LENGTH_LIMIT:
                 kwargs.setdefault("model_max_length", max_length)
         else:
             _require_tokenizer_config(folder)

@@ -44,7 +44,7 @@ class RetrievalEvalCallback(TrainerCallback):
         from accelerate import PartialState
         from accelerate.utils import gather_object
 
-        from ..evaluation.metrics import retrieval_metrics
+        from ..evaluation.metrics import MRR_CUTOFF, retrieval_metrics
 
         was_training = model.training
         model.eval()
@@ -53,7 +53,7 @@ class RetrievalEvalCallback(TrainerCallback):
                 hits = model.retrieve(
                     [self.queries[i] for i in shard],
                     self.tokenizer,
-                    top_k=max(self.ks + (10,)),
+                    top_k=max(self.ks + (MRR_CUTOFF,)),
                     num_beams=self.num_beams,
                     batch_size=self.batch_size,
                     show_progress=False,

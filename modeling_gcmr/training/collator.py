@@ -17,6 +17,9 @@ from transformers.utils import is_torchvision_available
 
 from ..modeling_gcmr import LABEL_PAD_ID
 
+# The side CLIP towers are trained at: what a vision config that names no size means.
+CLIP_IMAGE_SIZE = 224
+
 
 def build_image_processor(vision_config: PreTrainedConfig):
     """A CLIP-style image processor sized for `vision_config.image_size` (resize the short side, centre-crop).
@@ -26,7 +29,7 @@ def build_image_processor(vision_config: PreTrainedConfig):
     """
     if vision_config is None:
         raise ValueError("the model config has no vision_config, so it takes no pixel_values")
-    size = int(getattr(vision_config, "image_size", 224))
+    size = int(getattr(vision_config, "image_size", CLIP_IMAGE_SIZE))
     if is_torchvision_available():
         from transformers import CLIPImageProcessor as processor_class
     else:  # the PIL backend needs no torchvision

@@ -174,14 +174,38 @@ def load_corpus(
         )
 
     n = len(raw)
+    confine_to = None if allow_paths_outside_corpus else raw.root
+    rows = _checked_rows(raw, image_column if has_images else None, embeds_column if has_embeds else None,
+                         caption_column, key_column, image_embed_dim, verify_images, confine_to)
+    images, paths, vectors, captions, keys, problems = rows
+    bad = [BadRow(r, keys[r], paths[r], "; ".join(problems[r]), raw.location(r)) for r in sorted(problems)]
+    if bad and not skip_bad_rows:
+        raise CorpusValidationError(name, bad)
+    if bad:
+        listed = "\n".join(f"  {p}" for p in bad[:_MAX_LISTED])
+        warnings.warn(f"skipped {len(bad)} of {n} rows of corpus {name} (skip_bad_rows=True):\n{listed}", stacklevel=2)
+    good = [row for row in range(n) if row not in problems]
+    if not good:
+        raise ValueError(f"corpus {name} has no valid rows (all {n} are bad)")
+
+    return _normalised_dataset(raw, good, keys, captions, images if has_images else None,
+                               vectors if has_embeds else None)
+
+
+def _checked_rows(raw: CorpusTable, image_column: str | None, embeds_column: str | None, caption_column: str,
+                  key_column: str, image_embed_dim: int | None, verify_images: bool, confine_to: Path | None):
+    """Every row's image reference, path, embedding, captions and key, and every row's problems (row -> reasons).
+
+    A column that is None is absent from the corpus.
+    """
+    n = len(raw)
     unreadable = raw.problems
     problems: dict[int, list[str]] = collections.defaultdict(list)
     for row, reason in unreadable.items():
         problems[row].append(reason)
     readable = [row for row in range(n) if row not in unreadable]
     images: list[dict | None] = [None] * n
-    if has_images:
-        confine_to = None if allow_paths_outside_corpus else raw.root
+    if image_column is not None:
         values = raw.columns[image_column]
         for row in readable:
             images[row], reason = image_ref(values[row], image_column, raw.image_dir(row), confine_to)
@@ -190,7 +214,7 @@ def load_corpus(
                 problems[row].append(reason)
     paths = [ref["path"] if ref else None for ref in images]
     vectors: list[list | None] = [None] * n
-    if has_embeds:
+    if embeds_column is not None:
         values = raw.columns[embeds_column]
         for row in readable:
             vectors[row], reason = embedding_vector(values[row], embeds_column)
@@ -206,33 +230,30 @@ def load_corpus(
         if reason:
             problems[row].append(reason)
     # Derived keys can only repeat when one file is listed twice, which is a duplicate row as well.
-    key_values = raw.columns[key_column] if key_column in columns else _derived_keys(paths, raw.root)
+    key_values = raw.columns[key_column] if key_column in raw.columns else _derived_keys(paths, raw.root)
     keys, key_problems = check_keys(key_values, key_column, unreadable)
     for row, reason in key_problems.items():
         problems[row].append(reason)
 
-    bad = [BadRow(r, keys[r], paths[r], "; ".join(problems[r]), raw.location(r)) for r in sorted(problems)]
-    if bad and not skip_bad_rows:
-        raise CorpusValidationError(name, bad)
-    if bad:
-        listed = "\n".join(f"  {p}" for p in bad[:_MAX_LISTED])
-        warnings.warn(f"skipped {len(bad)} of {n} rows of corpus {name} (skip_bad_rows=True):\n{listed}", stacklevel=2)
-    good = [row for row in range(n) if row not in problems]
-    if not good:
-        raise ValueError(f"corpus {name} has no valid rows (all {n} are bad)")
+    return images, paths, vectors, captions, keys, problems
 
+
+def _normalised_dataset(raw: CorpusTable, good: list[int], keys: list, captions: list, images: list | None,
+                        vectors: list | None) -> datasets.Dataset:
+    """The good rows in the package's columns: image_key, captions, image and/or image_embeds, split."""
     data: dict[str, list] = {"image_key": [keys[r] for r in good], "captions": [captions[r] for r in good]}
     features = {"image_key": datasets.Value("string"), "captions": datasets.Sequence(datasets.Value("string"))}
-    if has_images:
+    if images is not None:
         data["image"] = [images[r] for r in good]
         features["image"] = datasets.Image()
-    if has_embeds:
+    if vectors is not None:
         data["image_embeds"] = [vectors[r] for r in good]
         features["image_embeds"] = datasets.Sequence(datasets.Value("float32"))
-    if "split" in columns:
+    if "split" in raw.columns:
         data["split"] = [str(raw.columns["split"][r]) for r in good]
         features["split"] = datasets.Value("string")
     return datasets.Dataset.from_dict(data, features=datasets.Features(features))
+
 
 
 def _missing_caption(raw: CorpusTable, row: int, column: str) -> str:

@@ -28,6 +28,12 @@ from ..query_inputs_gcmr import query_token_ids
 
 MEMORIZE, RETRIEVE = "memorize", "retrieve"
 IMAGE_COLUMNS = ("image", "image_embeds")
+_ROW_FEATURES = {
+    "task": datasets.Value("string"),
+    "image_key": datasets.Value("string"),
+    "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")),
+}
 
 logger = logging.get_logger(__name__)
 
@@ -176,6 +182,10 @@ def _encode_queries(tokenizer, texts: list[str], limit: int) -> list[list[int]]:
 
 def _memorize_rows(corpus, rows: np.ndarray, tokenizer, labels, config, limit: int) -> datasets.Dataset:
     image_columns = [name for name in IMAGE_COLUMNS if name in corpus.column_names]
+    if not len(rows):
+        # memorize_ratio=0: add_column on an empty selection fails inside datasets, so build the empty table directly
+        features = {**_ROW_FEATURES, **{name: corpus.features[name] for name in image_columns}}
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=datasets.Features(features))
     memorize = corpus.select_columns(["image_key", *image_columns]).select(rows.tolist())
     keys = memorize["image_key"]
     prompt = _encode_queries(tokenizer, [config.memorize_prompt], limit)[0]
@@ -187,12 +197,7 @@ def _memorize_rows(corpus, rows: np.ndarray, tokenizer, labels, config, limit: i
 
 def _retrieve_rows(pairs, tokenizer, labels, limit: int, image_features) -> datasets.Dataset:
     keys = [key for key, _ in pairs]
-    features = {
-        "task": datasets.Value("string"),
-        "image_key": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-    }
+    features = dict(_ROW_FEATURES)
     data: dict[str, list[Any]] = {
         "task": [RETRIEVE] * len(keys),
         "image_key": keys,
