@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .encoding_gcmr import GcmrEncoderOutput
 from .text_head_gcmr import symmetric_kl
@@ -28,14 +29,17 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
         return None, head.scale * encoded.query_vectors @ summed.T, None, None
     gold = head.identifier_index(labels.to(head.paths.device), model.config.eos_token_id)
     paths = head.paths.long()[gold]
-    states, _ = model.decoder_states(head.decoder_inputs(paths), encoded)
+    negatives_on = model.config.hard_negatives > 0 and model.training
+    # With hard negatives, keep the cross-attention keys and values of the memory: the negatives reuse them.
+    states, cache = model.decoder_states(head.decoder_inputs(paths), encoded, use_cache=negatives_on)
     base = interpolated_queries(model, encoded, paths)
     candidates, gold_position = head.candidates(gold)
     teacher = teacher_scores(model, encoded, candidates)
     loss, logits = head.loss(head.step_queries(base, states), gold_position, model.config.prefix_loss_weight,
                              teacher, model.config.distill_weight, candidates)
-    if model.config.hard_negatives > 0 and model.training:
-        loss = loss + hard_negative_loss(model, encoded, base, logits, gold_position, candidates)
+    if negatives_on:
+        loss = loss + hard_negative_loss(model, encoded, base, logits, gold_position, candidates,
+                                         cache.cross_attention_cache)
     consistency = None
     if rdrop:
         first, second = logits.float().chunk(2)
@@ -46,12 +50,16 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
 
 
 def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, logits: torch.Tensor,
-                        gold_position: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+                       gold_position: torch.Tensor, candidates: torch.Tensor | None,
+                       memory_cache: DynamicCache) -> torch.Tensor:
     """Cross-entropy of the gold identifier against the hardest negatives, each scored with its *own* decoder
     states. The softmax over all identifiers scores every candidate with the gold path's query vectors (one
     decoder pass instead of one per identifier); beam search scores each path with its own, and a decoder
     trained on gold prefixes alone learns to boost any path it follows (R@10 rose, R@1 fell on f30k-dev).
-    Scoring the negatives that look best under the shared vectors with their own states closes that gap."""
+    Scoring the negatives that look best under the shared vectors with their own states closes that gap.
+
+    The memory's cross-attention keys and values (`memory_cache`, from the gold pass) are shared by a query's
+    negatives rather than projected again for each: they were most of the cost of this loss."""
     head = model.identifier_head
     count = min(model.config.hard_negatives, logits.shape[1] - 1)
     with torch.no_grad():
@@ -62,7 +70,11 @@ def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tenso
     batch = len(negatives)
     rows = torch.arange(batch, device=negatives.device).repeat_interleave(count)
     paths = head.paths.long()[negatives.flatten()]
-    states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows=rows)
+    shared = DynamicCache()
+    for index, layer in enumerate(memory_cache.layers):
+        shared.update(layer.keys[rows], layer.values[rows], index)
+    states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows=rows, use_cache=True,
+                                     cache=EncoderDecoderCache(DynamicCache(), shared))
     queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
     steps = (queries * head.edge_vectors[paths.clamp(min=0)]).sum(-1) * (paths >= 0)
     negative_scores = (head.scale * steps.sum(1)).view(batch, count)
