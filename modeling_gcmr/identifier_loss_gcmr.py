@@ -60,16 +60,26 @@ def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tenso
 
     The memory's cross-attention keys and values (`memory_cache`, from the gold pass) are shared by a query's
     negatives rather than projected again for each: they were most of the cost of this loss."""
-    head = model.identifier_head
     count = min(model.config.hard_negatives, logits.shape[1] - 1)
     with torch.no_grad():
         masked = logits.detach().scatter(1, gold_position[:, None], float("-inf"))
         negatives = masked.topk(count, dim=1).indices
         if candidates is not None:
             negatives = candidates[negatives]
-    batch = len(negatives)
-    rows = torch.arange(batch, device=negatives.device).repeat_interleave(count)
-    paths = head.paths.long()[negatives.flatten()]
+    negative_scores = own_path_scores(model, encoded, base, negatives, memory_cache)
+    gold_scores = logits.gather(1, gold_position[:, None])
+    scores = torch.cat([gold_scores, negative_scores], dim=1).float()
+    return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
+
+
+def own_path_scores(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, identifiers: torch.Tensor,
+                    memory_cache: DynamicCache) -> torch.Tensor:
+    """The score of each identifier (B, K) for its row's query, with the decoder run on that identifier's own path:
+    what beam search computes. `memory_cache` holds the cross-attention keys and values of the rows' memory."""
+    head = model.identifier_head
+    batch, count = identifiers.shape
+    rows = torch.arange(batch, device=identifiers.device).repeat_interleave(count)
+    paths = head.paths.long()[identifiers.flatten()]
     shared = DynamicCache()
     for index, layer in enumerate(memory_cache.layers):
         shared.update(layer.keys[rows], layer.values[rows], index)
@@ -77,10 +87,7 @@ def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tenso
                                      cache=EncoderDecoderCache(DynamicCache(), shared))
     queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
     steps = (queries * head.edge_vectors[paths.clamp(min=0)]).sum(-1) * (paths >= 0)
-    negative_scores = (head.scale * steps.sum(1)).view(batch, count)
-    gold_scores = logits.gather(1, gold_position[:, None])
-    scores = torch.cat([gold_scores, negative_scores], dim=1).float()
-    return F.cross_entropy(scores, torch.zeros(batch, dtype=torch.long, device=scores.device))
+    return (head.scale * steps.sum(1)).view(batch, count)
 
 
 def interpolated_queries(model: Any, encoded: GcmrEncoderOutput, paths: torch.Tensor) -> torch.Tensor:

@@ -275,3 +275,23 @@ def test_the_pipeline_passes_rerank_through(with_features):
     expected = model.retrieve([query], tokenizer, top_k=3, rerank="features")[0]
     assert [(r["image_key"], pytest.approx(r["score"], abs=1e-4)) for r in pipe(query, top_k=3, rerank="features")] \
         == [(k, pytest.approx(s, abs=1e-4)) for k, s in expected]
+
+
+@pytest.mark.parametrize("id_type", ["coarse_fine", "structured"])
+def test_hard_negatives_are_scored_with_their_own_paths_as_beam_search_does(setups, id_type):
+    """The training loss's negatives, scored through the gold pass's shared memory keys and values, get exactly
+    the score beam search gives them (the teacher-forced score of each identifier)."""
+    from modeling_gcmr.identifier_loss_gcmr import own_path_scores
+
+    tokenizer, model = setups[id_type]
+    inputs = random_queries(tokenizer, 3, seed=11)
+    identifiers = torch.tensor([[5, 17, 42], [0, 1, 2], [59, 30, 8]])
+    with torch.no_grad():
+        encoded = model.encode(**inputs)
+        gold = model.identifier_head.paths.long()[[1, 2, 3]]
+        _, cache = model.decoder_states(model.identifier_head.decoder_inputs(gold), encoded, use_cache=True)
+        scores = own_path_scores(model, encoded, encoded.query_vectors, identifiers, cache.cross_attention_cache)
+    for row in range(3):
+        for column, index in enumerate(identifiers[row].tolist()):
+            expected = teacher_forced_score(model, tokenizer, inputs, row, tokenizer.keys[index])
+            assert scores[row, column].item() == pytest.approx(expected, abs=1e-3)
