@@ -28,7 +28,8 @@ def set_identifier_vocabulary(model: Any, tokenizer: Any, init: str = "auto", im
     text_head = config.format_version == 1 or bool(np.any(table.unit_is_text))
     features = None if image_embeds is None else _feature_matrix(image_embeds, len(table.keys))
     if text_head:
-        if init in ("dense", "unit_vectors") or features is not None:
+        # With init="auto" image features are simply not used: the text head has no identifier vectors.
+        if init in ("dense", "unit_vectors"):
             raise ValueError(
                 f"{table.id_type!r} identifiers are spelled with text tokens and scored by the text head, which has no "
                 "identifier vectors to initialise (from image features or unit vectors); use init='random'"
