@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = ["--corpus", str(corpus), "--image_encoder", "precomputed", "--text_backbone", folder,
                "--id_type", args.id_type, "--id_options", options, "--num_query_captions", "0", "--do_train",
                "--output_dir", str(work), "--eval_query_file", str(curve), "--eval_strategy", "epoch",
-               "--num_beams", str(args.num_beams), "--seed", "0", *run_args]
+               "--eval_on_start", "true", "--num_beams", str(args.num_beams), "--seed", "0", *run_args]
     training = run_gcmr.main(command)
     state = json.loads((work / "trainer_state.json").read_text())
 
