@@ -33,6 +33,8 @@ from transformers import (
 )
 
 KINDS = ("encoder", "seq2seq", "clip")
+# Files that hold a tokenizer's vocabulary, one of which a backbone folder must have.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 class BackboneError(ValueError):
@@ -142,6 +144,11 @@ def load_text_backbone(name_or_path: str) -> TextBackbone:
     except (OSError, ValueError, TypeError) as error:
         raise BackboneError(f"--text_backbone {name!r} has no usable tokenizer (tokenizer.json / vocab files and "
                             f"tokenizer_config.json): {error}") from error
+    # Without tokenizer files transformers builds an empty tokenizer of special tokens only: no usable vocabulary.
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)) or (local and not any(
+            os.path.isfile(os.path.join(name, file)) for file in TOKENIZER_FILES)):
+        raise BackboneError(f"--text_backbone {name!r} has no usable tokenizer: none of {', '.join(TOKENIZER_FILES)} "
+                            "is in the folder; save the model's tokenizer next to it (tokenizer.save_pretrained)")
     if isinstance(tokenizer, bool) or not getattr(tokenizer, "is_fast", False):
         raise BackboneError(f"--text_backbone {name!r}: its tokenizer has no fast (tokenizers) version, which the "
                             "identifier tokenizer wraps")

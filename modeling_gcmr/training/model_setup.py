@@ -105,6 +105,13 @@ def build_retriever(
         shared_query_space = backbone is not None and feature_width == query_width
         logger.info("queries %s the identifier space from the start (backbone query width %s, features %s)",
                     "share" if shared_query_space else "learn", query_width, feature_width)
+    elif shared_query_space and feature_width != query_width:
+        kind = backbone.kind if backbone is not None else "t5 from scratch"
+        raise ValueError(
+            f"the image features are {feature_width}-d but the text backbone ({kind}) projects queries to "
+            f"{query_width}-d: a shared query space needs one width; use features of the same model (for CLIP: its "
+            "image features) or let the query projection be learned (shared_query_space=False)"
+        )
     config = GcmrConfig(
         text_config=text_config,
         vision_config=vision.config() if vision is not None else None,
