@@ -139,6 +139,7 @@ def load_text_backbone(name_or_path: str) -> TextBackbone:
         config = AutoConfig.from_pretrained(name, **options)
     except (OSError, ValueError, KeyError) as error:
         raise BackboneError(f"--text_backbone {name!r}: its config cannot be read ({error})") from error
+    kind = _kind(config, name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **options)
     except (OSError, ValueError, TypeError) as error:
@@ -152,7 +153,7 @@ def load_text_backbone(name_or_path: str) -> TextBackbone:
     if isinstance(tokenizer, bool) or not getattr(tokenizer, "is_fast", False):
         raise BackboneError(f"--text_backbone {name!r}: its tokenizer has no fast (tokenizers) version, which the "
                             "identifier tokenizer wraps")
-    return TextBackbone(name, _kind(config, name), config, tokenizer)
+    return TextBackbone(name, kind, config, tokenizer)
 
 
 def _kind(config: PreTrainedConfig, name: str) -> str:
