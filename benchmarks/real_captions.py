@@ -80,6 +80,8 @@ class BenchmarkArguments:
     num_beams: int = field(default=10, metadata={"help": "Beam width of trie-constrained decoding (GRACE: 10)."})
     batch_size: int = field(default=64, metadata={"help": "Queries per batch, on both sides."})
     label: str = field(default="", metadata={"help": "Suffix of the run id (dataset-id_type[-label])."})
+    untrained: bool = field(default=False, metadata={"help": "Evaluate the model as initialised, before any training "
+                                                             "step (the dense-aware start; run id gets -untrained)."})
     output_dir: str = field(default=str(REPO / "benchmarks" / "results" / "real_captions"),
                             metadata={"help": "Results, per-query files and plots go to <output_dir>/<run id>/."})
     write_doc: bool = field(default=True, metadata={"help": "Write this run's section into docs/real_captions.md."})
@@ -149,7 +151,7 @@ def timed(function, *args, **kwargs):
 def main(argv: list[str] | None = None) -> dict:
     args, run_args = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(argv, return_remaining_strings=True)
     run_args = [a for a in run_args if a != "--"]
-    run_id = "-".join(filter(None, [args.dataset, args.id_type, args.label]))
+    run_id = "-".join(filter(None, [args.dataset, args.id_type, args.label, "untrained" if args.untrained else ""]))
     out_dir = Path(args.output_dir) / run_id
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = minilm_folder()
@@ -181,8 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
                "--id_type", args.id_type, "--id_options", options, "--num_query_captions", "0", "--do_train",
                "--output_dir", str(work), "--eval_query_file", str(curve), "--eval_strategy", "epoch",
                "--eval_on_start", "true", "--num_beams", str(args.num_beams), "--seed", "0", *run_args]
+    if args.untrained:
+        command = [a for a in command if a not in ("--do_train", "--eval_on_start", "true")]
     training = run_gcmr.main(command)
-    state = json.loads((work / "trainer_state.json").read_text())
+    state_file = work / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"log_history": []}
 
     retriever = work / "retriever"
     model, tokenizer = GcmrForRetrieval.from_pretrained(retriever).eval(), ImageIdTokenizer.from_pretrained(retriever)
@@ -216,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     save_results(out_dir / "results.json", results)
     rankings = {name: [[key for key, _ in h] for h in hits] for name, (hits, _) in systems.items()}
     plot_recall_curve(rankings, gold, out_dir / "recall_at_k.png")
-    plot_training_curves({run_id: results["curve"]}, out_dir / "training_curve.png",
-                         reference={"dense": results["systems"]["dense MiniLM (faiss IP)"]["recall@1"]})
+    if results["curve"]:
+        plot_training_curves({run_id: results["curve"]}, out_dir / "training_curve.png",
+                             reference={"dense": results["systems"]["dense MiniLM (faiss IP)"]["recall@1"]})
     if args.write_doc:
         _write_doc(results, out_dir)
     print(summary(results))
@@ -241,8 +247,9 @@ def _write_doc(results: dict, out_dir: Path) -> None:
     import shutil
 
     figure = f"real_captions_{results['run_id']}.png"
-    shutil.copyfile(out_dir / "training_curve.png", DOC_PATH.parent / figure)
-    os.chmod(DOC_PATH.parent / figure, 0o644)
+    if results["curve"]:
+        shutil.copyfile(out_dir / "training_curve.png", DOC_PATH.parent / figure)
+        os.chmod(DOC_PATH.parent / figure, 0o644)
     curve = ", ".join(f"{point['train_minutes']:.1f} min: {100 * point['recall@1']:.1f}" for point in results["curve"])
     section = "\n".join([
         f"### {results['run_id']}",
@@ -251,7 +258,7 @@ def _write_doc(results: dict, out_dir: Path) -> None:
         "",
         summary(results),
         "",
-        f"![Recall@1 against training minutes]({figure})",
+        f"![Recall@1 against training minutes]({figure})" if results["curve"] else "(not trained: no curve)",
         "",
         f"- R@1 on {len(results['curve']) and 'the curve queries'} after each epoch (training minutes: R@1): {curve}",
         f"- Command: `{results['command']}` (revision {results['revision']})",
