@@ -5,7 +5,7 @@ For each identifier shape (structured, coarse_fine, atomic), corpus size and bea
 32k text vocabulary plus the identifier tokens):
 
 - unconstrained beam search (the floor: what the model alone costs),
-- `PrefixTrieLogitsProcessor` on the `PrefixTrie` CSR arrays (in place, as `constrained_retrieve` runs it),
+- `PrefixTrieLogitsProcessor` on the `PrefixTrie` CSR arrays (in place, as `constrained_generate` runs it),
 - transformers' `PrefixConstrainedLogitsProcessor` with a nested Python dict trie, the way the published
   GRACE code decodes (`prefix_allowed_tokens_fn` walks the dict and returns the allowed token list).
 
@@ -218,7 +218,7 @@ def run_shape(id_type: str, count: int, beam_list: list[int], args, rng: np.rand
     start = time.perf_counter()
     trie = PrefixTrie.from_sequences(rows, EOS, vocab)
     build_s = time.perf_counter() - start
-    processor = PrefixTrieLogitsProcessor(trie.arrays(), num_skip_tokens=1, pad_token_id=PAD, inplace=True)
+    processor = PrefixTrieLogitsProcessor(trie, num_skip_tokens=1, pad_token_id=PAD, inplace=True)
     steps = trie.depth  # identifier tokens + EOS
     model = build_model(vocab)
     queries = torch.from_numpy(rng.integers(2, TEXT_VOCAB, size=(args.batch_size, QUERY_LENGTH)))
@@ -229,7 +229,7 @@ def run_shape(id_type: str, count: int, beam_list: list[int], args, rng: np.rand
     cells = []
     for beams in beam_list:
         cell = Cell(id_type, count, beams, vocab=vocab, depth=steps - 1, nodes=trie.num_nodes,
-                    trie_mb=trie.nbytes / 2**20, device_trie_mb=processor.device_nbytes(torch.device("cpu")) / 2**20,
+                    trie_mb=trie.nbytes / 2**20, device_trie_mb=trie.on("cpu").nbytes() / 2**20,
                     dict_mb=dict_trie_bytes(dict_trie) / 2**20, trie_build_s=build_s)
         need = peak_bytes_estimate(args.batch_size * beams, vocab)
         if need > args.max_memory_gb * 2**30:
@@ -243,7 +243,7 @@ def run_shape(id_type: str, count: int, beam_list: list[int], args, rng: np.rand
         cell.ours_s, ours = timed(lambda: generate(model, queries, beams, steps, processor=ours_timer), args.repeats,
                                   ours_timer, slow_s=args.slow_s)
         cell.ours_constraint_s = ours_timer.per_run()
-        valid = processor.key_indices(ours) >= 0
+        valid = trie.lookup(ours[:, 1:]) >= 0  # the decoder start token is not part of an identifier
         if not bool(valid.all()):
             raise AssertionError(f"{id_type} {count}: {int((~valid).sum())} constrained sequences are not identifiers")
         # Probe the baseline's processor on the first step to decide whether a full run is affordable.
@@ -345,7 +345,7 @@ def write_section(path: str, command: str, cells: list[Cell], args) -> None:
         f"of {args.repeats} `generate` calls (one call when it takes over `--slow-s`, 5 s by default; always one "
         f"for the dict-trie baseline). Rows can be re-measured with `--id-types/--sizes/--beams`: a run replaces "
         f"only its own rows, and its command is added to the list. "
-        "*ours* is `PrefixTrieLogitsProcessor` (in place, as `constrained_retrieve` runs it); *dict-trie* is "
+        "*ours* is `PrefixTrieLogitsProcessor` (in place, as `constrained_generate` runs it); *dict-trie* is "
         "transformers' `PrefixConstrainedLogitsProcessor` over a nested Python dict trie, as the GRACE code "
         "decodes. *Same output*: both constrained runs return identical sequences. *(constraint)*: CPU seconds spent inside the logits processor per `generate` call. *Extrapolated*: the "
         "baseline was timed on the first step for 16 rows and scaled to all rows and steps plus the "

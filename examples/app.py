@@ -238,7 +238,7 @@ def respond(searcher: Searcher, search, *args) -> tuple[str, list[list], str]:
     thumbnails = {key: uri for key, _ in hits if (uri := searcher.thumbnail(key))}
     rows = [[rank, key, round(float(score), 4), " ".join(identifiers[key])]
             for rank, (key, score) in enumerate(hits, start=1)]
-    status = f"{len(hits)} results in {time.perf_counter() - started:.2f} s (score: log-probability of the identifier)."
+    status = f"{len(hits)} results in {time.perf_counter() - started:.2f} s (score: the model's identifier score, higher is better)."
     return render_hits(hits, thumbnails, identifiers=identifiers), rows, status
 
 

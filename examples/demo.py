@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     in_gallery = slice(0, GALLERY_QUERIES)
     gallery = write_gallery(
         out / "gallery.html", held_out.queries[in_gallery],
-        {"generative (GCMR), log-probability": hits[in_gallery],
+        {"generative (GCMR), identifier score": hits[in_gallery],
          "dense baseline, cosine": dense_hits[in_gallery]},
         images_by_key, gold=held_out.gold[in_gallery], top_k=5, title=f"GCMR demo: {len(corpus)} synthetic images",
     )
@@ -194,7 +194,7 @@ def _print_summary(results: dict) -> None:
     example = results["example"]
     print(f"\nquery: {example['query']!r} (gold {example['gold']})")
     for hit in example["hits"]:
-        print(f"  #{hit['rank']} {hit['image_key']}  log-prob {hit['score']:.3f}")
+        print(f"  #{hit['rank']} {hit['image_key']}  score {hit['score']:.3f}")
     print()
     for name, path in results["paths"].items():
         print(f"{name:>17}: {path}")

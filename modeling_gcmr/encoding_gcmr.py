@@ -31,7 +31,8 @@ class GcmrEncoderOutput(ModelOutput):
             coarse-to-fine fusion. A tensor, not a tuple, so that beam expansion treats it like the other fields.
         query_vectors: (B, D_id) each row's query vector in the identifier space (format 2 models).
         dense_vectors: (B, D_id) each row's query before any learned map, normalised: the pooled text (when its
-            width is the identifier width) or the image feature itself; the dense teacher of distillation.
+            width is the identifier width) or the image feature itself; the dense teacher of distillation. Rows
+            with no such vector (pixel images, text of another width) are NaN.
         image_rows: (B,) which rows carry an image (memorize rows), when images were given.
     """
 
@@ -327,7 +328,10 @@ def encode_inputs(model: Any, input_ids: torch.LongTensor | None = None, attenti
         if want_layers:
             layer_parts.append(text.layer_states)
         text_queries = F.normalize(model.query_projection(text.query_vectors.to(model.dtype)), dim=-1)
-        if text.query_vectors.shape[-1] == model.config.identifier_dim:
+        if model.config.query_pooling == "pooler":
+            # CLIP: its pooled text reaches the image space only through its projection (whatever the widths).
+            text_dense = text_queries.detach().float()
+        elif text.query_vectors.shape[-1] == model.config.identifier_dim:
             text_dense = F.normalize(text.query_vectors.float(), dim=-1)
     batches = {part.shape[0] for part in parts}
     if len(batches) != 1:
@@ -335,8 +339,9 @@ def encode_inputs(model: Any, input_ids: torch.LongTensor | None = None, attenti
                          "zero row with image_mask False) per text row")
     # A row with an image is a memorize row: the image is its query.
     queries = by_row(image_rows, image_queries, text_queries)
-    dense_known = (not has_images or image_dense is not None) and (text is None or text_dense is not None)
-    dense = by_row(image_rows, image_dense, text_dense) if dense_known else None
+    unknown = torch.full((next(iter(batches)), model.config.identifier_dim), float("nan"), device=parts[0].device)
+    dense = by_row(image_rows, image_dense if image_dense is not None or not has_images else unknown,
+                   text_dense if text_dense is not None or text is None else unknown)
     return GcmrEncoderOutput(
         last_hidden_state=torch.cat([part.to(model.dtype) for part in parts], dim=1),
         hidden_states=text.hidden_states if text is not None else None,

@@ -192,7 +192,7 @@ class IdentifierHead(nn.Module):
             queries: (B, T, D) step query vectors of the gold paths (teacher forcing).
             gold: (B,) gold positions among the candidates.
             prefix_weight: weight of the mean per-depth prefix cross-entropy.
-            teacher_scores: (B, C) dense teacher logits for distillation.
+            teacher_scores: (B, C) dense teacher logits for distillation; rows with NaN have no teacher.
             candidates: from `candidates()`; None for all identifiers.
         """
         scores, paths = self.step_scores(queries, candidates)
@@ -202,10 +202,12 @@ class IdentifierHead(nn.Module):
         if prefix_weight > 0:
             loss = loss + prefix_weight * _prefix_loss(partial, paths, gold)
         if distill_weight > 0 and teacher_scores is not None:
-            loss = loss + distill_weight * F.kl_div(
-                logits.float().log_softmax(-1), teacher_scores.float().log_softmax(-1), log_target=True,
-                reduction="batchmean",
-            )
+            taught = ~teacher_scores.isnan().any(dim=-1)
+            if taught.any():
+                loss = loss + distill_weight * F.kl_div(
+                    logits[taught].float().log_softmax(-1), teacher_scores[taught].float().log_softmax(-1),
+                    log_target=True, reduction="batchmean",
+                )
         return loss, logits
 
 

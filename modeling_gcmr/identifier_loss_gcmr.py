@@ -106,10 +106,14 @@ def interpolated_queries(model: Any, encoded: GcmrEncoderOutput, paths: torch.Te
 
 
 def teacher_scores(model: Any, encoded: GcmrEncoderOutput, candidates: torch.Tensor | None) -> torch.Tensor | None:
-    """Dense teacher logits for distillation: each query before any learned map against the stored features."""
+    """Dense teacher logits for distillation: each query before any learned map against the stored features. Rows
+    whose query has no vector in the features' space (images given as pixels) are NaN and take no part."""
     if not (model.config.distill_weight > 0 and model.training):
         return None
-    if model.stored_image_features is None or encoded.dense_vectors is None:
+    untaught_text = encoded.dense_vectors.isnan().any(dim=-1)
+    if encoded.image_rows is not None:
+        untaught_text &= ~encoded.image_rows
+    if model.stored_image_features is None or untaught_text.any():
         raise ValueError("distill_weight > 0 needs stored image features (store_image_features) and queries that "
                          "live in their space (text encoder width = image feature width, or image features)")
     features = model.stored_image_features if candidates is None else model.stored_image_features[candidates]

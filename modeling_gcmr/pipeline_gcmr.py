@@ -35,7 +35,8 @@ class GcmrRetrievalPipeline(Pipeline):
 
     Call it with a query string (or a list of them). Each query returns a list of
     ``{"image_key": str, "score": float, "rank": int}`` dicts, best first, with no duplicate keys; the score
-    is the identifier's log-probability under the model. When the pipeline was built with
+    is the model's score of the identifier, higher is better (identifier head: the scaled sum of the query's dot
+    products with the identifier's edge vectors; text head: its log-probability). When the pipeline was built with
     ``images={image_key: image}``, each result also carries ``"image"``.
 
     Call parameters (also accepted when the pipeline is built):

@@ -448,3 +448,40 @@ def test_bad_image_inputs_are_rejected():
     with pytest.raises(ValueError, match="not both"):
         tester.model()(**batch, image_embeds=torch.zeros(3, EMBED_DIM),
                        pixel_values=torch.zeros(3, 3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+@pytest.mark.parametrize("images", ["pixels", "embeds"])
+def test_distillation_teaches_the_rows_whose_query_lives_in_the_feature_space(make_id_tokenizer, images):
+    # identifier width = text width, so text queries have a dense teacher; image features given as pixels have
+    # none and take no part (they used to crash the default distillation), features of that width do.
+    tokenizer = id_tokenizer(make_id_tokenizer)
+    features = torch.nn.functional.normalize(torch.randn(len(tokenizer.keys), 16), dim=-1)
+    losses = {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        config = tester.config(vision="clip" if images == "pixels" else None, vocab=tokenizer.num_text_tokens,
+                               shared_query_space=True, distill_weight=weight, hard_negatives=0, dropout=0.0)
+        if images == "embeds":
+            config.image_embed_dim = 16
+        model = GcmrForRetrieval(config)
+        model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=features.numpy())
+        model.store_image_features(features.numpy())
+        # At the dense-aware start the student *is* the teacher; move the decoder's step correction off zero.
+        torch.nn.init.normal_(model.identifier_head.step_query.weight, std=0.5)
+        model.train()
+        labels = torch.tensor(tokenizer.encode_identifiers(["img3", "img7", "img1"]))
+        batch = dict(tokenizer(["a red circle", "a big star", "two dots"], padding=True, return_tensors="pt"))
+        pictures = (torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE) if images == "pixels" else features[[3, 7, 1]])
+        image_key = "pixel_values" if images == "pixels" else "image_embeds"
+        image_only = model(**{image_key: pictures}, labels=labels).loss
+        mixed = model(**batch, **{image_key: pictures}, image_mask=torch.tensor([True, False, True]),
+                      labels=labels).loss
+        assert torch.isfinite(image_only) and torch.isfinite(mixed)
+        mixed.backward()
+        losses[weight] = (image_only.item(), mixed.item())
+    # KL to the teacher is positive wherever a row is taught: the text row always, image rows only as features.
+    assert losses[10.0][1] > losses[0.0][1] + 1e-4
+    if images == "pixels":
+        assert losses[10.0][0] == pytest.approx(losses[0.0][0], rel=1e-5)
+    else:
+        assert losses[10.0][0] > losses[0.0][0] + 1e-4

@@ -140,7 +140,7 @@ def write_gallery(
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>body {{ margin: 24px; font-family: system-ui, sans-serif; }}{GALLERY_CSS}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>Top {top_k} per system; the correct image is framed in green. "
-            f"Scores are each system's own (log-probability for the generative retriever).</p>"
+            f"Scores are each system's own (for the generative retriever: its identifier score, higher is better).</p>"
             f'{"".join(sections)}</body></html>\n')
     return atomic_write(path, lambda handle: handle.write(page))
 
