@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.write_doc:
         section = "\n".join([
             "## Training throughput: before and after the identifier head", "",
-            f"{args.dataset}, {args.id_type} identifiers, frozen MiniLM encoder + 2-layer decoder, batch "
-            f"{args.batch_size}, {args.steps} timed AdamW steps per row, measured one after the other in one process.",
+            f"{args.dataset}, {args.id_type} identifiers, frozen MiniLM encoder, batch {args.batch_size}, "
+            f"{args.steps} timed AdamW steps per row, measured one after the other in one process. Format 1 is the "
+            "benchmark's old model (2-layer decoder, FFN 1024, LM head over the whole vocabulary); format 2 is what "
+            "the benchmark trains now (run_gcmr's defaults: 1-layer decoder, FFN 512, identifier head, 4 hard "
+            "negatives scored with their own decoder states).",
             "", text, "", f"- Command: `{result['command']}` (revision {result['revision']})",
             f"- Machine: {result['machine']}"])
         write_section(DOC_PATH, "training_throughput", section, "# Benchmarks\n")

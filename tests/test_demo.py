@@ -59,3 +59,17 @@ def test_demo_draws_its_figures_and_prints_a_summary(demo_run):
     for per_beam in results["latency_ms_per_query"].values():
         assert set(per_beam) == {"1", "2", "5", "10"} and all(ms > 0 for ms in per_beam.values())
     assert "Recall@1" in stdout and results["paths"]["recall_curve"] in stdout
+
+
+def test_demo_writes_a_self_contained_gallery_and_prints_the_search_page_command(demo_run):
+    output_dir, stdout, results = demo_run
+    gallery = Path(results["paths"]["gallery"])
+    assert gallery == output_dir / "gallery.html" and str(gallery) in stdout
+    page = gallery.read_text(encoding="utf-8")
+    # every thumbnail is inlined: no file or network reference could be missing when the page is opened elsewhere
+    sources = [part.split('"', 1)[0] for part in page.split('src="')[1:]]
+    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
+    assert "generative (GCMR)" in page and "dense baseline" in page
+    command = results["search_page_command"]
+    assert command in stdout and "app.py" in command
+    assert "--retriever" in command and "--images" in command and str(Path("corpus")) in command
