@@ -347,20 +347,22 @@ def _publish(model, tokenizer, results, corpus, model_args, data_args, id_args, 
         **({"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha} if model_args.lora_r > 0 else {}),
     }
     name = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-    card = None
+    extra = {"identifier_signature": tokenizer.identifier_signature[:16]}
     if metrics:
-        card = build_model_card(
-            model_name=name,
-            id_type=id_args.id_type,
-            corpus_size=len(corpus),
-            dataset_name=data_args.corpus or "gcmr-synthetic-shapes",
-            training_args=hyperparameters,
-            metrics=metrics,
-            baseline_metrics=baseline or None,
-            repo_id=training_args.hub_model_id,
-            extra={"identifier_signature": tokenizer.identifier_signature[:16], "held_out_queries": int(metrics["num_queries"])},
-            eval_split="held-out captions",
-        )
+        extra["held_out_queries"] = int(metrics["num_queries"])
+    # A card even without held-out queries (the real-caption contract command): what was trained, and how to load it.
+    card = build_model_card(
+        model_name=name,
+        id_type=id_args.id_type,
+        corpus_size=len(corpus),
+        dataset_name=data_args.corpus or "gcmr-synthetic-shapes",
+        training_args=hyperparameters,
+        metrics=metrics or None,
+        baseline_metrics=(baseline or None) if metrics else None,
+        repo_id=training_args.hub_model_id,
+        extra=extra,
+        eval_split="held-out captions",
+    )
     folder = save_retriever(model, tokenizer, os.path.join(training_args.output_dir, "retriever"), card)
     logger.info("saved the retriever to %s", folder)
     if push_to_hub:

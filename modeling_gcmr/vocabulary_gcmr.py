@@ -18,8 +18,8 @@ from .atomic_write_gcmr import MIXED_SAVES_HINT
 INITS = ("auto", "dense", "unit_vectors", "random")
 
 
-def set_identifier_vocabulary(model: Any, tokenizer: Any, init: str = "auto", image_embeds: Any = None,
-                              seed: int = 0) -> None:
+def set_identifier_vocabulary(model: Any, tokenizer: Any, init: str = "auto", seed: int = 0, *,
+                              image_embeds: Any = None) -> None:
     """See `GcmrForRetrieval.set_identifier_vocabulary`."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")

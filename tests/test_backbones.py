@@ -149,6 +149,9 @@ def test_run_gcmr_trains_on_an_encoder_folder_and_the_retriever_loads_without_th
     assert all(len(row) == 3 and {k for k, _ in row} <= {r["image_key"] for r in rows} for row in loaded["hits"])
     # the recommended defaults: features stored (rerank works) and distillation on, as the features share the space
     assert loaded["stored"] and loaded["distill"] == 10.0
+    # no held-out queries, yet the checkpoint carries its card: what was trained, and that nothing was measured
+    card = (out / "retriever" / "README.md").read_text()
+    assert "identifier-coarse-fine" in card and "Not evaluated" in card and "model-index" not in card
 
 
 def test_a_folder_that_is_not_a_model_or_lacks_its_tokenizer_is_named(encoder_folder, tmp_path):

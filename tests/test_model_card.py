@@ -101,9 +101,19 @@ def test_without_baseline_only_the_model_is_reported():
     assert "baseline |" not in card.text
 
 
+def test_without_held_out_queries_the_card_says_so_and_claims_no_results(tmp_path):
+    card = _card(metrics=None, baseline_metrics=None)
+    assert not card.data.eval_results and "model-index" not in card.content
+    assert "Not evaluated" in card.text and "baseline" not in card.text.lower()
+    card.save(tmp_path / "README.md")  # still a valid card with metadata and a usage snippet
+    assert ModelCard.load(tmp_path / "README.md").data.pipeline_tag == card.data.pipeline_tag
+    assert "AutoModel.from_pretrained" in extract_usage_snippet(card)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ({"metrics": None}, "baseline_metrics without metrics"),
         ({"metrics": {"recall@1": 0.5, "recall@5": 0.8, "recall@10": 0.9}}, "metrics is missing 'mrr@10'"),
         ({"metrics": {**METRICS, "recall@5": 80.0}}, "metrics['recall@5'] must be a fraction in [0, 1]"),
         ({"baseline_metrics": {**BASELINE, "recall@1": "high"}}, "baseline_metrics['recall@1']"),

@@ -42,7 +42,7 @@ def build_model_card(
     corpus_size: int,
     dataset_name: str,
     training_args: Mapping[str, object],
-    metrics: Mapping[str, float],
+    metrics: Mapping[str, float] | None,
     baseline_metrics: Mapping[str, float] | None,
     base_model: str | None = None,
     repo_id: str | None = None,
@@ -60,7 +60,8 @@ def build_model_card(
         dataset_name: the dataset it was trained and evaluated on (a Hub dataset id where there is one).
         training_args: the training hyperparameters to list (name -> value, JSON-serializable).
         metrics: the model's `recall@1`, `recall@5`, `recall@10` and `mrr@10`, fractions in [0, 1]
-            (the output of `evaluation_gcmr.retrieval_metrics`; other keys are ignored).
+            (the output of `evaluation.metrics.retrieval_metrics`; other keys are ignored), or None when the run held
+            out no queries: the card then says so and carries no model-index results.
         baseline_metrics: the same metrics of the dense dual-encoder baseline on the same queries, or None.
         base_model: the Hub id of the backbone the model was initialised from, if any.
         repo_id: where the model is published (or a local folder); the usage snippet loads from here.
@@ -76,8 +77,10 @@ def build_model_card(
     for name, value in (("model_name", model_name), ("dataset_name", dataset_name), ("eval_split", eval_split)):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    scores = _checked_metrics(metrics, "metrics")
+    scores = _checked_metrics(metrics, "metrics") if metrics is not None else None
     baseline = _checked_metrics(baseline_metrics, "baseline_metrics") if baseline_metrics is not None else None
+    if scores is None and baseline is not None:
+        raise ValueError("baseline_metrics without metrics: the card compares the model with its baseline")
     hyperparameters = _jsonable(training_args, "training_args")
     details = _jsonable(extra or {}, "extra")
     location = repo_id or model_name
@@ -90,7 +93,7 @@ def build_model_card(
         base_model=base_model,
         datasets=[dataset_name],
         tags=[*BASE_TAGS, f"identifier-{id_type.replace('_', '-')}"],
-        eval_results=_eval_results(scores, baseline, dataset_name, eval_split),
+        eval_results=_eval_results(scores, baseline, dataset_name, eval_split) if scores is not None else None,
     )
     body = _card_body(model_name, id_type, corpus_size, dataset_name, base_model, details, eval_split, scores,
                       baseline, hyperparameters, location, example_query)
@@ -104,7 +107,7 @@ def _card_body(model_name: str, id_type: str, corpus_size: int, dataset_name: st
     return "\n".join([
         f"# {model_name}",
         "",
-        _summary(id_type, corpus_size, dataset_name),
+        _summary(id_type, corpus_size, dataset_name, baseline is not None),
         "",
         "## Details",
         "",
@@ -116,9 +119,10 @@ def _card_body(model_name: str, id_type: str, corpus_size: int, dataset_name: st
         "",
         "## Results",
         "",
-        f"Text-to-image retrieval on the `{eval_split}` split of `{dataset_name}` (percent; higher is better).",
-        "",
-        _results_table(model_name, scores, baseline),
+        *([f"Text-to-image retrieval on the `{eval_split}` split of `{dataset_name}` (percent; higher is better).",
+           "", _results_table(model_name, scores, baseline)] if scores is not None else
+          ["Not evaluated: the training run held out no queries (run_gcmr: `--eval_query_file FILE` or "
+           "`--num_query_captions 1` measures Recall@K and fills this section)."]),
         "",
         "## Training hyperparameters",
         "",
@@ -163,13 +167,14 @@ def extract_usage_snippet(card: ModelCard | str) -> str:
     return text[start + len("```python\n") : end]
 
 
-def _summary(id_type: str, corpus_size: int, dataset_name: str) -> str:
+def _summary(id_type: str, corpus_size: int, dataset_name: str, with_baseline: bool) -> str:
+    baseline = " The dense dual-encoder baseline below was trained and evaluated on the same data." if with_baseline else ""
     return (
         "A **generative cross-modal retriever** built with GCMR. A sequence-to-sequence model memorized "
         f"{int(corpus_size):,} images of `{dataset_name}`, each under a unique `{id_type}` identifier, and answers a "
         "text query by *generating* the identifiers of the matching images with beam search under a prefix-trie "
-        "constraint, so that only real identifiers can come out (GRACE, Li et al., ACL 2024; ACE, Fang et al.). "
-        "The dense dual-encoder baseline below was trained and evaluated on the same data."
+        "constraint, so that only real identifiers can come out (GRACE, Li et al., ACL 2024; ACE, Fang et al.)."
+        + baseline
     )
 
 
