@@ -32,6 +32,7 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -63,6 +64,7 @@ DEFAULT_ID_OPTIONS = {
     "structured": {"branching": 30, "leaf_size": 30},
 }
 RERANK_MODES = (None, "features", "hybrid")
+SPEED_REPEATS = 2  # timed searches per system, interleaved; the fastest counts
 
 
 @dataclass
@@ -166,9 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     # The dense baseline: the same encoder on the test queries, exact inner product, timed with the encoder.
     encoder, text_tokenizer = BertModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     index = DenseIndex(keys, features)
-    (dense_hits, dense_seconds) = timed(lambda: index.search(
-        embed_sentences(encoder, text_tokenizer, queries, args.batch_size, "dense queries"), top_k=max(KS)))
-    del encoder
+
+    def dense_search():
+        return index.search(embed_sentences(encoder, text_tokenizer, queries, args.batch_size, "dense queries"),
+                            top_k=max(KS))
 
     work = out_dir / "run"
     corpus = write_jsonl(out_dir / "corpus.jsonl", [
@@ -191,11 +194,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     retriever = work / "retriever"
     model, tokenizer = GcmrForRetrieval.from_pretrained(retriever).eval(), ImageIdTokenizer.from_pretrained(retriever)
-    systems = {"dense MiniLM (faiss IP)": (dense_hits, dense_seconds)}
+    searches = {"dense MiniLM (faiss IP)": dense_search}
     for mode in RERANK_MODES:
         name = f"generative ({args.id_type})" + (f" + rerank {mode}" if mode else "")
-        systems[name] = timed(model.retrieve, queries, tokenizer, top_k=max(KS), num_beams=args.num_beams,
-                              batch_size=args.batch_size, rerank=mode)
+        searches[name] = partial(model.retrieve, queries, tokenizer, top_k=max(KS), num_beams=args.num_beams,
+                                 batch_size=args.batch_size, rerank=mode)
+    # Interleaved and repeated, the fastest run of each counts: a neighbour's load then hits both sides alike.
+    systems = {}
+    for _ in range(SPEED_REPEATS):
+        for name, search in searches.items():
+            hits, seconds = timed(search)
+            systems[name] = (hits, min(seconds, systems.get(name, (None, float("inf")))[1]))
     results = {
         "run_id": run_id,
         "command": shlex.join(["python", "benchmarks/real_captions.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -261,6 +270,8 @@ def _write_doc(results: dict, out_dir: Path) -> None:
         f"![Recall@1 against training minutes]({figure})" if results["curve"] else "(not trained: no curve)",
         "",
         f"- R@1 on {len(results['curve']) and 'the curve queries'} after each epoch (training minutes: R@1): {curve}",
+        f"- queries/s: all {results['num_queries']:,} test queries at batch {results['setup']['batch_size']}, query "
+        f"encoder included on both sides; the faster of {SPEED_REPEATS} runs per system, the systems interleaved.",
         f"- Command: `{results['command']}` (revision {results['revision']})",
         f"- run_gcmr: `{results['run_gcmr_command'].replace(str(REPO) + '/', '')}`",
         f"- Machine: {results['machine']}",

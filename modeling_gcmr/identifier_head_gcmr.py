@@ -129,6 +129,12 @@ class IdentifierHead(nn.Module):
         """scale * q . v(edge) for paired rows: queries (R, D), edges (R,) -> (R,)."""
         return self.scale * (queries * self.edge_vectors[edges]).sum(-1)
 
+    def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """scale * q . v(edge) for every query against the same edges: queries (R, D), edges (E,) -> (R, E). One
+        matrix product, where pairing would gather an (R * E, D) copy of the edge vectors (at the root of a million
+        atomic identifiers, gigabytes per batch)."""
+        return self.scale * (queries @ self.edge_vectors[edges].T)
+
     # ----------------------------------------------------------------------------------------------- labels
     def identifier_index(self, labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:
         """The identifier each label row spells (token ids, then EOS, then -100 or padding); a ValueError if none."""

@@ -29,9 +29,11 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         top_k: hits returned per query.
     """
     head = model.identifier_head
+    num_queries = encoded.query_vectors.shape[0]
+    if num_queries == 0:
+        return []
     device = encoded.last_hidden_state.device
     engine = trie.on(device)
-    num_queries = encoded.query_vectors.shape[0]
     query_of_row = torch.arange(num_queries, device=device)
     nodes = torch.zeros(num_queries, dtype=torch.long, device=device)
     totals = torch.zeros(num_queries, device=device)
@@ -46,7 +48,12 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
         queries = encoded.query_vectors[query_of_row] + head.step_query(states[:, 0])
         rows, edges = engine.edges_of(nodes)
-        scores = totals[rows] + head.edge_scores(queries[rows], edges).float()
+        if previous_edges is None:
+            # Every query starts at the root, so all rows share its children (rows ascending, children in order).
+            children = edges[: len(edges) // num_queries]
+            scores = (totals[:, None] + head.shared_edge_scores(queries, children).float()).flatten()
+        else:
+            scores = totals[rows] + head.edge_scores(queries[rows], edges).float()
         keys = engine.key_index[edges]
         done = keys >= 0
         hits_query.append(query_of_row[rows[done]])

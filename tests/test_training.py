@@ -135,6 +135,13 @@ def test_joint_examples_are_tagged_labelled_and_mixed(id_tokenizer):
             assert id_tokenizer.decode(row["input_ids"], skip_special_tokens=True).endswith(row["image_key"][4:])
 
 
+def test_query_examples_label_each_query_with_its_own_image(id_tokenizer):
+    # several queries per image, as the held-out captions of a corpus come
+    gold = ["img_0", "img_0", "img_3", "img_1", "img_3", "img_5"]
+    rows = build_query_examples([f"query {i}" for i in range(len(gold))], gold, id_tokenizer)
+    assert [row["labels"] for row in rows] == id_tokenizer.encode_identifiers(gold)
+
+
 def test_sequential_schedule_puts_every_memorize_row_first(id_tokenizer):
     config = TrainingExamplesConfig(schedule="sequential", phase_epochs=2)
     tasks = build_training_examples(_corpus(), id_tokenizer, config)["task"]

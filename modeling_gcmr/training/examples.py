@@ -136,7 +136,8 @@ def build_query_examples(queries: Sequence[str], gold_keys: Sequence[str], token
     """Retrieve rows for held-out queries (e.g. `split_captions(...).queries`), used as the Trainer's eval_dataset."""
     if len(queries) != len(gold_keys):
         raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
-    labels = dict(zip(gold_keys, tokenizer.encode_identifiers(list(dict.fromkeys(gold_keys)))))
+    distinct = list(dict.fromkeys(gold_keys))  # an image with several queries is encoded once
+    labels = dict(zip(distinct, tokenizer.encode_identifiers(distinct)))
     return _retrieve_rows(list(zip(gold_keys, queries)), tokenizer, labels, query_token_limit, None)
 
 
