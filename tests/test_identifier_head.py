@@ -1,0 +1,54 @@
+"""The identifier head scores only trie edges; its scores equal those of a full output layer over every edge.
+
+A full head would score each step's query against every identifier edge vector (the analogue of an LM head over
+the whole vocabulary) and read off the gold path's entries. The head instead scores only the candidates' own
+edges (training with sampled candidates) or only a node's children (beam search). Both must give exactly the
+numbers the full computation gives on the same rows.
+"""
+import pytest
+import torch
+from test_retrieve import HEAD_TYPES, make_model, make_tokenizer
+
+
+def full_head_logits(head, queries: torch.Tensor) -> torch.Tensor:
+    """(B, N) identifier logits from scoring every edge at every step, then summing each identifier's path."""
+    per_edge = queries @ head.edge_vectors.T  # (B, T, E): every edge, every step
+    paths = head.paths.long()
+    total = torch.zeros(queries.shape[0], len(paths))
+    for identifier, path in enumerate(paths):
+        for step, edge in enumerate(path.tolist()):
+            if edge >= 0:
+                total[:, identifier] += per_edge[:, step, edge]
+    return head.scale * total
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_identifier_logits_equal_a_full_head_on_the_same_rows(text_tokenizer, caption_corpus, id_type):
+    head = make_model(make_tokenizer(text_tokenizer, caption_corpus, id_type)).identifier_head
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(5, head.paths.shape[1], head.edge_vectors.shape[1], generator=generator)
+    expected = full_head_logits(head, queries)
+    with torch.no_grad():
+        everything, _ = head.step_scores(queries, None)
+        torch.testing.assert_close(head.scale * everything.sum(1), expected, rtol=1e-5, atol=1e-4)
+        candidates = torch.tensor([0, 3, 7, len(head.paths) - 1])
+        sampled, _ = head.step_scores(queries, candidates)
+        torch.testing.assert_close(head.scale * sampled.sum(1), expected[:, candidates], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_beam_search_scores_of_children_equal_the_full_head(text_tokenizer, caption_corpus, id_type):
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type)
+    head = make_model(tokenizer).identifier_head
+    engine = tokenizer.prefix_trie.on("cpu")
+    queries = torch.randn(4, head.edge_vectors.shape[1], generator=torch.Generator().manual_seed(1))
+    full = head.scale * (queries @ head.edge_vectors.T)
+    with torch.no_grad():
+        # the root step: every query against the root's children, one matrix product
+        rows, edges = engine.edges_of(torch.zeros(4, dtype=torch.long))
+        children = edges[: len(edges) // 4]
+        torch.testing.assert_close(head.shared_edge_scores(queries, children), full[:, children])
+        # deeper steps: each row against its own node's children
+        nodes = engine.next_node[children[: 4]].clamp(min=0)
+        rows, edges = engine.edges_of(nodes)
+        torch.testing.assert_close(head.edge_scores(queries[rows], edges), full[rows, edges])
