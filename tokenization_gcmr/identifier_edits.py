@@ -78,7 +78,8 @@ class CollectionEdit:
 
 
 # ----------------------------------------------------------------------------------------------------- input checks
-def check_keys(keys: Sequence[str], key_to_row: dict[str, int], table: IdentifierTable, adding: bool) -> tuple[str, ...]:
+def check_keys(keys: Sequence[str], key_to_row: dict[str, int], table: IdentifierTable,
+               adding: bool) -> tuple[str, ...]:
     """The keys as a tuple of unique non-empty strings, new (adding) or current (removing)."""
     if isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__"):
         raise CollectionEditError(f"keys must be a list of image keys (strings), got {type(keys).__name__}")
@@ -246,7 +247,7 @@ def _coarse_fine(units: _Units, count: int, features: np.ndarray | None, **_: An
     if table.unit_vectors is None or table.unit_vectors.shape[1] != features.shape[1]:
         width = None if table.unit_vectors is None else table.unit_vectors.shape[1]
         raise CollectionEditError(f"image features have width {features.shape[1]}; the coarse_fine table's centroids "
-                                  f"and codebooks have width {width}: pass the features the identifiers were built from")
+                                  f"and codebooks have width {width}: pass the features the identifiers came from")
     levels: dict[int, list[int]] = {}
     for position, unit in enumerate(table.units):
         match = _COARSE_FINE_UNIT.match(unit)

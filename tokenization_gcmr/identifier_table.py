@@ -318,7 +318,7 @@ class IdentifierTable:
                 f"{header_path} has format_version {version!r}; this version of gcmr reads {READABLE_VERSIONS}"
             )
         if (version == EDITED_FORMAT_VERSION) != ("edit_signature" in header):
-            raise IdentifierTableError(f"{header_path}: format_version 2 is for edited tables (with an edit_signature), "
+            raise IdentifierTableError(f"{header_path}: format_version 2 is for edited tables (with edit_signature), "
                                        f"format_version 1 for the others; this header has version {version} "
                                        f"{'without' if version == EDITED_FORMAT_VERSION else 'with'} one")
         for name in ("id_type", "options", "keys", "units", "content_hash"):
