@@ -287,3 +287,33 @@ def test_remote_code_reload_keeps_the_edits(text_tokenizer, tmp_path):
     assert after["module"].startswith("transformers_modules")
     assert sorted(after["removed"]) == sorted(tokenizer.removed_keys) and after["remote"] == "remote"
     _scores_match(after["hits"], json.loads(json.dumps(before)))
+
+
+# ------------------------------------------------------------------------------------------------- refresh
+def _corpus(keys, captions, features):
+    import datasets
+
+    return datasets.Dataset.from_dict({"image_key": list(keys), "captions": [[c] for c in captions],
+                                       "image_embeds": [row.tolist() for row in features]})
+
+
+def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_tokenizer, tmp_path):
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add, replay_sample
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    old = _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD)
+    new = _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW)
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+    with pytest.raises(ValueError, match="call model.add_images"):
+        refresh_after_add(model, tokenizer, new, old, args)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    model.remove_images(OLD_KEYS[:20], tokenizer)
+    assert set(replay_sample(old, tokenizer, 100)["image_key"]) == set(OLD_KEYS[20:])
+    before = model.identifier_head.edge_vectors.detach().clone()
+    metrics = refresh_after_add(model, tokenizer, new, old, args, replay_ratio=0.5)
+    assert metrics["train_loss"] > 0 and not model.training
+    assert not torch.equal(before, model.identifier_head.edge_vectors.detach())
+    hits = model.retrieve(CAPTIONS[NUM_OLD:], tokenizer, top_k=3, num_beams=5)
+    assert {key for row in hits for key, _ in row} <= set(tokenizer.current_keys)
