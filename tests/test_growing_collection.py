@@ -305,7 +305,7 @@ def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_t
     old = _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD)
     new = _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW)
     args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
-                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2)
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
     with pytest.raises(ValueError, match="call model.add_images"):
         refresh_after_add(model, tokenizer, new, old, args)
     model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
@@ -317,3 +317,24 @@ def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_t
     assert not torch.equal(before, model.identifier_head.edge_vectors.detach())
     hits = model.retrieve(CAPTIONS[NUM_OLD:], tokenizer, top_k=3, num_beams=5)
     assert {key for row in hits for key, _ in row} <= set(tokenizer.current_keys)
+
+
+def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_tokenizer, tmp_path):
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    head = model.identifier_head
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
+    refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW),
+                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args, scope="new")
+    old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
+    changed = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
+    assert changed == ["identifier_head.edge_vectors"]
+    assert torch.equal(head.edge_vectors[old_edges], before["identifier_head.edge_vectors"][old_edges])
+    # the freeze is undone (the text encoder stays frozen, as the refresh asked)
+    assert model.query_projection.weight.requires_grad and head.step_query.weight.requires_grad
+    assert model.text_encoder_is_frozen()
