@@ -144,6 +144,7 @@ def test_semantic_identifiers_need_captions(text_tokenizer):
 def test_removed_images_never_come_back(id_type, text_tokenizer):
     model, tokenizer = _pair(id_type, text_tokenizer, store_features=True)
     model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    torch.testing.assert_close(model.stored_image_features[NUM_OLD:], torch.as_tensor(NEW))
     gone = OLD_KEYS[::3] + NEW_KEYS[:3]
     model.remove_images(gone[:4], tokenizer)
     model.remove_images(gone[4:], tokenizer)
@@ -225,10 +226,11 @@ def test_a_model_and_a_tokenizer_from_different_edits_are_refused(text_tokenizer
     with pytest.raises(ValueError, match="identifier vocabulary mismatch"):
         model.retrieve(tokenizer=stale, image_embeds=NEW[:1])
     # the same keys added to a copy give the same signature only with the same codes and order
-    signatures = {tokenizer.identifier_signature}
+    signatures, hashes = {tokenizer.identifier_signature}, {tokenizer.identifier_table.content_hash}
     model.remove_images(NEW_KEYS[:1], tokenizer)
     signatures.add(tokenizer.identifier_signature)
-    assert len(signatures) == 2 and model.config.identifier_signature == tokenizer.identifier_signature
+    hashes.add(tokenizer.identifier_table.content_hash)
+    assert len(signatures) == len(hashes) == 2 and model.config.identifier_signature == tokenizer.identifier_signature
 
 
 # ------------------------------------------------------------------------------------------------- save / load
