@@ -8,7 +8,8 @@ ones, one short Trainer run). Both are compared, in the same run, with a retriev
 images and with dense MiniLM search over all images: R@1 on the test queries of old and of new images.
 
 Synthetic scale: a coarse_fine table of 1M random identifiers (random codes over 256 coarse x 3 levels of 256
-fine codes, random centroids), a tiny model on it, then 100,000 images added in one call and removals timed.
+fine codes, random centroids), a tiny model on it, then 100,000 images added in one call (placement="centroids"),
+1,000 more with the default placement="model" (one beam search per image), and removals timed.
 
     python benchmarks/growing_collection.py                       # f30k-test, coarse_fine, then the scale part
     python benchmarks/growing_collection.py --max_images 200 --scale_identifiers 20000 --scale_add 2000  # smoke
@@ -266,7 +267,7 @@ def synthetic_scale(args: GrowingArguments) -> dict:
     features = _normalized(table.unit_vectors[codes].sum(axis=1)
                            + 0.02 * rng.normal(size=(args.scale_add, args.scale_dim)).astype(np.float32))
     new_keys = [f"new{i}" for i in range(args.scale_add)]
-    _, add_seconds = timed(model.add_images, new_keys, tokenizer, image_embeds=features)
+    _, add_seconds = timed(model.add_images, new_keys, tokenizer, image_embeds=features, placement="centroids")
     def own_feature_r1(queries: np.ndarray, keys: list[str]) -> float:
         found = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=1, num_beams=10, show_progress=False)
         return float(np.mean([bool(row) and row[0][0] == key for row, key in zip(found, keys)]))
@@ -277,7 +278,9 @@ def synthetic_scale(args: GrowingArguments) -> dict:
     for key in new_keys[:20]:
         single.append(timed(model.remove_images, [key], tokenizer)[1])
     _, batch_seconds = timed(model.remove_images, new_keys[20:1020], tokenizer)
-    _, one_more = timed(model.add_images, ["one-more"], tokenizer, image_embeds=features[:1])
+    _, one_more = timed(model.add_images, ["one-more"], tokenizer, image_embeds=features[:1], placement="centroids")
+    routed = _normalized(features[:1000] + 0.05 * rng.normal(size=(1000, args.scale_dim)).astype(np.float32))
+    _, routed_seconds = timed(model.add_images, [f"routed{i}" for i in range(1000)], tokenizer, image_embeds=routed)
     return {
         "identifiers": args.scale_identifiers, "added": args.scale_add, "dim": args.scale_dim,
         "trie_edges": tokenizer.prefix_trie.num_edges, "table_build_seconds": build_seconds,
@@ -286,7 +289,7 @@ def synthetic_scale(args: GrowingArguments) -> dict:
         "old_found_by_own_feature_r1": old_r1,
         "remove_one_ms_median": 1000 * float(np.median(single[1:])), "remove_first_ms": 1000 * single[0],
         "remove_1000_ms_per_image": batch_seconds,
-        "add_one_image_seconds": one_more,
+        "add_one_image_seconds": one_more, "add_1000_model_placement_ms_per_image": routed_seconds,
     }
 
 
@@ -323,6 +326,8 @@ def summary(results: dict) -> str:
             ["trie edges after", f"{scale['trie_edges']:,}"],
             ["add (one call)", f"{scale['add_seconds']:.1f} s = {scale['add_ms_per_image']:.3f} ms per image"],
             ["add one image (one call)", f"{1000 * scale['add_one_image_seconds']:.0f} ms"],
+            ["add 1,000 images with placement='model' (one call, a beam search each)",
+             f"{scale['add_1000_model_placement_ms_per_image']:.2f} ms per image"],
             ["remove one image (median of calls 2-20)", f"{scale['remove_one_ms_median']:.2f} ms"],
             ["first removal (counts the live identifiers under every edge once)", f"{scale['remove_first_ms']:.0f} ms"],
             ["remove 1,000 images (one call)", f"{scale['remove_1000_ms_per_image']:.3f} ms per image"],

@@ -320,11 +320,11 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         self.config.stores_image_features = True
 
     def add_images(self, keys: Any, tokenizer: Any, image_embeds: Any = None, pixel_values: Any = None, *,
-                   captions: Any = None) -> None:
+                   captions: Any = None, placement: str = "model") -> None:
         """Add images (`image_embeds` (count, identifier_dim) or `pixel_values`; `captions` for semantic ids) to model
-        and tokenizer together, retrievable at once; bad input raises a ValueError and changes nothing
-        (`collection_edits_gcmr.py`; `training.refresh.refresh_after_add` fine-tunes after)."""
-        add_images(self, keys, tokenizer, image_embeds, pixel_values, captions)
+        and tokenizer together, retrievable at once; bad input raises a ValueError and changes nothing (`placement`:
+        see `collection_edits_gcmr.py`; `training.refresh.refresh_after_add` fine-tunes after)."""
+        add_images(self, keys, tokenizer, image_embeds, pixel_values, captions, placement)
 
     def remove_images(self, keys: Any, tokenizer: Any) -> None:
         """Remove images: their identifiers can never be generated again (unknown or removed keys: a ValueError)."""

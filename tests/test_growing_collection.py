@@ -120,6 +120,24 @@ def test_identifiers_follow_their_id_types_rules(text_tokenizer):
     assert _image_hits(model, tokenizer, twin, top_k=2)[0][0] in ("twin", OLD_KEYS[0])
 
 
+def test_coarse_fine_placement_by_the_model_or_by_the_centroids(text_tokenizer):
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    top = [row[0] for row in _image_hits(model, tokenizer, NEW)]
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)  # placement="model": under the model's first hit
+    for key, neighbor in zip(NEW_KEYS, top):
+        mine, theirs = tokenizer.identifier_ids(key), tokenizer.identifier_ids(neighbor)
+        assert mine[: len(theirs) - 1] == theirs[: len(theirs) - 1]
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW, placement="centroids")
+    table = tokenizer.identifier_table
+    coarse = [unit for unit in table.units if unit.startswith("<c_")]
+    centroids = table.unit_vectors[[table.units.index(unit) for unit in coarse]]
+    nearest = np.argmin(((NEW[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert [tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids(key))[0] for key in NEW_KEYS] == [
+        coarse[index] for index in nearest]
+    assert _image_hits(model, tokenizer, NEW) == [[key] for key in NEW_KEYS]
+
+
 @pytest.mark.parametrize("id_type", TEXT_TYPES)
 def test_text_head_types_grow_the_vocabulary_and_stay_on_the_trie(id_type, text_tokenizer):
     model, tokenizer = _pair(id_type, text_tokenizer)
@@ -198,6 +216,8 @@ def _bad_calls(other_tokenizer):
         ("removed twice", lambda m, t: m.remove_images([OLD_KEYS[0]], t), "already removed"),
         ("removed twice in one call", lambda m, t: m.remove_images([OLD_KEYS[2], OLD_KEYS[2]], t), "duplicate key"),
         ("no keys", lambda m, t: m.remove_images([], t), "keys is empty"),
+        ("unknown placement", lambda m, t: m.add_images(["x"], t, image_embeds=NEW[:1], placement="dice"),
+         "placement must be one of"),
         ("tokenizer of another edit", lambda m, t: m.add_images(["x"], other_tokenizer, image_embeds=NEW[:1]),
          "identifier vocabulary mismatch"),
     ]

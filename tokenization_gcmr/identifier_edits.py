@@ -10,9 +10,11 @@ New identifiers follow their id type's rules:
 - atomic: a new token `<a_i>`;
 - numeric / string: the next free number (the row number: rows are never reused, a removed image keeps its row);
 - semantic: the text pieces of the image's first caption;
-- coarse_fine: the nearest coarse centroid, then per fine level the nearest codebook entry (`residual_kmeans`:
-  greedy on the residual, as built; `rqvae`: the table keeps each code's mean embedding, not the RQ-VAE, so the
-  code whose mean is nearest);
+- coarse_fine: the codes of a given neighbour (`neighbors=`: `model.add_images` passes the existing identifier the
+  trained model retrieves first for the image, so the new one sits under the prefix the model routes such images
+  to), else the nearest coarse centroid, then per fine level the nearest codebook entry (`residual_kmeans`: greedy
+  on the residual, as built; `rqvae`: the table keeps each code's mean embedding, not the RQ-VAE, so the code whose
+  mean is nearest);
 - structured: down the existing tree, at each node the child whose centroid (the model's summed edge vectors,
   which start as the cluster means) is nearest, then a new position in the leaf cluster reached;
 
@@ -240,8 +242,11 @@ def _nearest(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return found
 
 
-def _coarse_fine(units: _Units, count: int, features: np.ndarray | None, **_: Any) -> list[list[int]]:
+def _coarse_fine(units: _Units, count: int, features: np.ndarray | None, neighbors: np.ndarray | None = None,
+                 **_: Any) -> list[list[int]]:
     table = units.table
+    if neighbors is not None:
+        return _neighbor_codes(units, features, neighbors)
     if features is None:
         raise CollectionEditError("coarse_fine identifiers are built from image features: pass image_embeds")
     if table.unit_vectors is None or table.unit_vectors.shape[1] != features.shape[1]:
@@ -264,6 +269,26 @@ def _coarse_fine(units: _Units, count: int, features: np.ndarray | None, **_: An
         codes[:, column] = chosen
         residual -= table.unit_vectors[chosen]
     return codes.tolist()
+
+
+def _neighbor_codes(units: _Units, features: np.ndarray | None, neighbors: np.ndarray) -> list[list[int]]:
+    """Each new image takes the codes of the existing identifier `neighbors[i]` (without its uniqueness token), the
+    one the trained model ranks first for the image; rows without a neighbor (-1) fall back to the centroids."""
+    table = units.table
+    neighbors = np.asarray(neighbors, dtype=np.int64)
+    if neighbors.shape != (len(features),) or (neighbors >= len(table.keys)).any():
+        raise CollectionEditError(f"neighbors must hold one row index (or -1) per new image, got {neighbors.shape}")
+    missing = np.flatnonzero(neighbors < 0)
+    fallback = dict(zip(missing.tolist(), _coarse_fine(units, len(missing), features[missing]))) if len(missing) else {}
+    suffixes = {position for position, unit in enumerate(table.units) if unit.startswith("<u_")}
+    rows = []
+    for index, row in enumerate(neighbors.tolist()):
+        if row < 0:
+            rows.append(fallback[index])
+            continue
+        codes = [int(code) for code in table.codes[row] if code >= 0]
+        rows.append(codes[:-1] if codes[-1] in suffixes else codes)
+    return rows
 
 
 def _structured(units: _Units, count: int, features: np.ndarray | None, edge_vectors: np.ndarray | None,
@@ -357,8 +382,11 @@ def chain_signature(previous: str, kind: str, *parts: bytes) -> str:
 
 # ----------------------------------------------------------------------------------------------------- edits
 def prepare_add(tokenizer: Any, keys: Sequence[str], features: Any = None, captions: Any = None,
-                edge_vectors: np.ndarray | None = None) -> CollectionEdit:
-    """New identifiers for `keys` (see the module docstring); nothing is changed until `apply_edit`."""
+                edge_vectors: np.ndarray | None = None, neighbors: np.ndarray | None = None) -> CollectionEdit:
+    """New identifiers for `keys` (see the module docstring); nothing is changed until `apply_edit`.
+
+    `neighbors` (coarse_fine): per new image the row of the existing identifier whose codes it takes (-1: the
+    centroids decide), e.g. the one the trained model retrieves first for the image (`model.add_images`)."""
     table = tokenizer.identifier_table
     keys = check_keys(keys, tokenizer._key_to_row, table, adding=True)
     features = None if features is None else check_features(features, len(keys))
@@ -367,7 +395,9 @@ def prepare_add(tokenizer: Any, keys: Sequence[str], features: Any = None, capti
         raise CollectionEditError(f"identifiers of type {table.id_type!r} cannot be added to")
     units = _Units(table, tokenizer._unit_ids, tokenizer._text_vocab, len(tokenizer._new_units), tokenizer._num_text)
     trie = tokenizer.prefix_trie
-    rows = rule(units, len(keys), features=features, edge_vectors=edge_vectors, trie=trie,
+    if neighbors is not None and (table.id_type != "coarse_fine" or features is None):
+        raise CollectionEditError("neighbors= places coarse_fine identifiers and needs the image features")
+    rows = rule(units, len(keys), features=features, edge_vectors=edge_vectors, trie=trie, neighbors=neighbors,
                 tokenize=tokenizer._tokenize, unit_of_token=tokenizer._convert_id_to_token,
                 captions=first_captions(captions, keys) if table.id_type == "semantic" else None)
     rows = _unique_rows(rows, units, trie)

@@ -339,14 +339,15 @@ class ImageIdTokenizer(PreTrainedTokenizer):
     # --- collection edits (identifier_edits.py; model.add_images / remove_images edit model and tokenizer together)
 
     def prepare_add(self, keys: Sequence[str], image_embeds: Any = None, captions: Any = None,
-                    edge_vectors: np.ndarray | None = None) -> CollectionEdit:
+                    edge_vectors: np.ndarray | None = None, neighbors: np.ndarray | None = None) -> CollectionEdit:
         """Check and build new identifiers for `keys`, without changing anything; `apply_edit` makes it so.
 
         Use `model.add_images(keys, tokenizer, ...)`, which edits the model in the same call; this is its
         tokenizer half. `image_embeds` (coarse_fine, structured), `captions` (semantic) and the model's
-        `edge_vectors` (structured) as the id type needs.
+        `edge_vectors` (structured) as the id type needs; `neighbors` (coarse_fine): per new image the row whose codes
+        it shares (-1: the centroids decide).
         """
-        return prepare_add(self, keys, image_embeds, captions, edge_vectors)
+        return prepare_add(self, keys, image_embeds, captions, edge_vectors, neighbors)
 
     def prepare_remove(self, keys: Sequence[str]) -> CollectionEdit:
         """Check a removal of `keys`, without changing anything; `apply_edit` makes it so."""
