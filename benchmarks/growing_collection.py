@@ -77,7 +77,7 @@ class GrowingArguments:
     batch_size: int = field(default=64)
     refresh_epochs: float = field(default=1.0, metadata={"help": "Epochs of each round's refresh."})
     refresh_learning_rate: float = field(default=3e-5, metadata={"help": "Chosen on a 300-image dev split."})
-    refresh_batch_size: int = field(default=16)
+    refresh_batch_size: int = field(default=32)
     replay_ratio: float = field(default=1.0, metadata={"help": "Old images replayed per new image in a refresh."})
     scale_identifiers: int = field(default=1_000_000, metadata={"help": "Synthetic table size (0: skip)."})
     scale_add: int = field(default=100_000, metadata={"help": "Images added to the synthetic table in one call."})
@@ -167,11 +167,11 @@ def real_captions(args: GrowingArguments, run_args: list[str], out_dir: Path) ->
         output_dir=str(out_dir / "refresh"), num_train_epochs=args.refresh_epochs,
         learning_rate=args.refresh_learning_rate, save_strategy="no", disable_tqdm=True, seed=0, warmup_steps=0,
         per_device_train_batch_size=args.refresh_batch_size, logging_steps=1000, dataloader_pin_memory=False)
-    old_corpus = _corpus([keys[r] for r in old_rows], [captions[r] for r in old_rows], features[old_rows])
     curve, timing = {"no training": [], "refresh": []}, {"add_seconds": 0.0, "refresh_seconds": 0.0, "added": 0}
     for mode in curve:
         model, tokenizer = _load(base_folder)
         added: list[int] = []
+        replay_rows = old_rows
         for number, rows in enumerate(rounds, start=1):
             new_keys = [keys[r] for r in rows]
             _, seconds = timed(model.add_images, new_keys, tokenizer, image_embeds=features[rows])
@@ -180,10 +180,14 @@ def real_captions(args: GrowingArguments, run_args: list[str], out_dir: Path) ->
                 timing["add_seconds"] += seconds
                 timing["added"] += len(rows)
             else:
+                # Replay draws from every image added before this round too, not only the first 80%.
+                pool = _corpus([keys[r] for r in replay_rows], [captions[r] for r in replay_rows],
+                               features[replay_rows])
                 _, seconds = timed(refresh_after_add, model, tokenizer,
                                    _corpus(new_keys, [captions[r] for r in rows], features[rows]),
-                                   old_corpus, refresh_args, replay_ratio=args.replay_ratio)
+                                   pool, refresh_args, replay_ratio=args.replay_ratio)
                 timing["refresh_seconds"] += seconds
+                replay_rows = np.concatenate([replay_rows, rows])
                 model.eval()
             sets = {"old": curve_old, "new": queries_of(added)} if number < len(rounds) else final_sets
             point = _evaluate(generative(model, tokenizer), sets)
