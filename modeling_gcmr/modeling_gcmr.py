@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .atomic_write_gcmr import load_checked, save_staged
+from .collection_edits_gcmr import add_images, remove_images
 from .configuration_gcmr import GcmrConfig
 from .encoding_gcmr import (
     FrozenEncoderCache,
@@ -197,10 +198,8 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
     def _check_fusion_backbone(self) -> None:
         if not self.is_encoder_decoder_pair() and not (hasattr(self.backbone, "decoder")
                                                         and hasattr(self.backbone, "lm_head")):
-            raise ValueError(
-                f"fusion='coarse_to_fine' needs a T5-style backbone (with .decoder and .lm_head) or an "
-                f"EncoderDecoderModel; {type(self.backbone).__name__} is neither. Use fusion='none' with this backbone."
-            )
+            raise ValueError(f"fusion='coarse_to_fine' needs a T5-style backbone (with .decoder and .lm_head) or an "
+                             f"EncoderDecoderModel; {type(self.backbone).__name__} is neither. Use fusion='none'.")
 
     def encoder_depth(self) -> int:
         text = self.config.text_config
@@ -320,6 +319,17 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         self.register_buffer("image_features", features.to(self.device))
         self.config.stores_image_features = True
 
+    def add_images(self, keys: Any, tokenizer: Any, image_embeds: Any = None, pixel_values: Any = None, *,
+                   captions: Any = None, placement: str = "model") -> None:
+        """Add images (`image_embeds` (count, identifier_dim) or `pixel_values`; `captions` for semantic ids) to model
+        and tokenizer together, retrievable at once; bad input raises a ValueError and changes nothing (`placement`:
+        see `collection_edits_gcmr.py`; `training.refresh.refresh_after_add` fine-tunes after)."""
+        add_images(self, keys, tokenizer, image_embeds, pixel_values, captions, placement)
+
+    def remove_images(self, keys: Any, tokenizer: Any) -> None:
+        """Remove images: their identifiers can never be generated again (unknown or removed keys: a ValueError)."""
+        remove_images(self, keys, tokenizer)
+
     @property
     def stored_image_features(self) -> torch.Tensor | None:
         """The stored image features (N, identifier_dim), rows in `tokenizer.keys` order, or None."""
@@ -336,7 +346,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         The vision tower and projectors run only on the rows with an image; the other rows get zeros.
         """
         return image_inputs(self, pixel_values, image_embeds, image_mask)
-
 
     def encode(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None,
@@ -375,7 +384,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
                                  "made by model.encode() (GcmrEncoderOutput.layer_states)")
             states = self.fusion(states, layers, mask)
         return states, out.cache
-
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -438,7 +446,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-
     def generate(self, *args: Any, **kwargs: Any):
         """`generate()` of the text head; identifier-head models decode with `retrieve()` (trie beam search)."""
         if self.config.identifier_head == "identifier":
@@ -487,8 +494,6 @@ def _projection(in_dim: int, out_dim: int, identity: bool) -> nn.Linear:
 
 def _twice(x: Any) -> Any:
     return torch.cat([x, x], dim=0) if isinstance(x, torch.Tensor) else x
-
-
 
 
 __all__ = ["GcmrForRetrieval", "GcmrPreTrainedModel", "GcmrSeq2SeqOutput", "GcmrEncoderOutput", "LABEL_PAD_ID"]

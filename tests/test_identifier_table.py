@@ -124,11 +124,19 @@ def rewrite_header(directory, **changes):
     path.write_text(json.dumps(header))
 
 
-@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, "1", None])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 2, "1", None])
 def test_other_format_version_is_refused(table, tmp_path, version):
     table.save(str(tmp_path))
     rewrite_header(tmp_path, format_version=version)
-    with pytest.raises(IdentifierTableError, match=f"has format_version {version!r}; this version of gcmr reads {FORMAT_VERSION}"):
+    with pytest.raises(IdentifierTableError, match=f"has format_version {version!r}; this version of gcmr reads "
+                                                   rf"\({FORMAT_VERSION}, {FORMAT_VERSION + 1}\)"):
+        IdentifierTable.load(str(tmp_path))
+
+
+def test_an_unedited_table_claiming_the_edited_format_is_refused(table, tmp_path):
+    table.save(str(tmp_path))
+    rewrite_header(tmp_path, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(IdentifierTableError, match="format_version 2 is for edited tables"):
         IdentifierTable.load(str(tmp_path))
 
 

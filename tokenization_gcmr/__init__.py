@@ -4,6 +4,7 @@ The flat files of this folder are the ones a checkpoint carries (the Hub copies 
 that makes identifier tables and never travels. This package imports nothing from `modeling_gcmr`: importing
 `modeling_gcmr` registers `ImageIdTokenizer` with AutoTokenizer for the "gcmr" model type.
 """
+from .identifier_edits import CollectionEdit, CollectionEditError
 from .identifier_table import (
     IdentifierTable,
     IdentifierTableError,
@@ -28,6 +29,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CollectionEdit",
+    "CollectionEditError",
     "IdentifierTable",
     "IdentifierTableError",
     "ImageIdTokenizer",

@@ -4,6 +4,10 @@ On disk a table is two files in one folder: ``identifier_table.safetensors`` (th
 text-unit flags and the optional unit vectors) and ``identifier_table.json`` (format version, id_type,
 options, keys, units and a content hash). Loading checks the version and the hash, so a truncated or
 mixed-up pair of files fails loudly instead of answering with the wrong images.
+
+A table that was edited after it was built (images added or removed, `identifier_edits.py`) also carries the
+`removed` mask (its rows stay: the model's vectors and the trie's edges keep their numbers) and its
+`edit_signature`; it is written as format 2, which older readers refuse instead of answering with removed images.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 FORMAT_VERSION = 1
+# Tables with edits (a removed mask and an edit signature); unedited tables are still written as format 1.
+EDITED_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, EDITED_FORMAT_VERSION)
 TABLE_WEIGHTS_NAME = "identifier_table.safetensors"
 TABLE_HEADER_NAME = "identifier_table.json"
 
@@ -159,6 +166,8 @@ class IdentifierTable:
     id_type: str
     options: dict[str, Any] = field(default_factory=dict)
     unit_vectors: np.ndarray | None = None
+    removed: np.ndarray | None = None
+    edit_signature: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", tuple(self.keys))
@@ -167,7 +176,28 @@ class IdentifierTable:
         object.__setattr__(self, "unit_is_text", np.ascontiguousarray(self.unit_is_text, dtype=bool))
         if self.unit_vectors is not None:
             object.__setattr__(self, "unit_vectors", np.ascontiguousarray(self.unit_vectors, dtype=np.float32))
+        if self.removed is not None:
+            object.__setattr__(self, "removed", np.ascontiguousarray(self.removed, dtype=bool))
         self.validate()
+
+    @classmethod
+    def edited(cls, **fields: Any) -> "IdentifierTable":
+        """A table made by an edit whose new rows the caller has already checked (`identifier_edits.py`).
+
+        A full `validate` sorts every row (seconds at a million identifiers); an edit checks only what it changes.
+        """
+        table = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(table, name, value)
+        return table
+
+    @property
+    def is_edited(self) -> bool:
+        return self.removed is not None or self.edit_signature is not None
+
+    def live_mask(self) -> np.ndarray:
+        """True for the rows whose image is in the collection."""
+        return np.ones(len(self.keys), dtype=bool) if self.removed is None else ~self.removed
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -210,6 +240,8 @@ class IdentifierTable:
             raise IdentifierTableError(
                 f"unit_vectors has shape {self.unit_vectors.shape}, expected ({len(self.units)}, D)"
             )
+        if self.removed is not None and self.removed.shape != (codes.shape[0],):
+            raise IdentifierTableError(f"removed has shape {self.removed.shape}, expected ({codes.shape[0]},)")
         if codes.shape[0] > 1:
             distinct, first_row = np.unique(codes, axis=0, return_index=True)
             if len(distinct) != codes.shape[0]:
@@ -230,6 +262,9 @@ class IdentifierTable:
         if self.unit_vectors is not None:
             digest.update(str(self.unit_vectors.shape).encode())
             digest.update(self.unit_vectors.tobytes())
+        if self.is_edited:  # an unedited table hashes exactly as before edits existed
+            digest.update(b"removed" + (b"" if self.removed is None else self.removed.tobytes()))
+            digest.update(str(self.edit_signature).encode())
         return digest.hexdigest()
 
     def save(self, directory: str) -> None:
@@ -238,8 +273,11 @@ class IdentifierTable:
         tensors = {"codes": self.codes, "unit_is_text": self.unit_is_text.astype(np.uint8)}
         if self.unit_vectors is not None:
             tensors["unit_vectors"] = self.unit_vectors
+        version = EDITED_FORMAT_VERSION if self.is_edited else FORMAT_VERSION
+        if self.removed is not None:
+            tensors["removed"] = self.removed.astype(np.uint8)
         header = {
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "id_type": self.id_type,
             "options": self.options,
             "num_identifiers": len(self.keys),
@@ -247,7 +285,9 @@ class IdentifierTable:
             "keys": list(self.keys),
             "units": list(self.units),
         }
-        metadata = {"format_version": str(FORMAT_VERSION), "content_hash": header["content_hash"]}
+        if self.is_edited:
+            header["edit_signature"] = self.edit_signature
+        metadata = {"format_version": str(version), "content_hash": header["content_hash"]}
         atomic_save_to(
             os.path.join(directory, TABLE_WEIGHTS_NAME), lambda path: save_file(tensors, path, metadata=metadata)
         )
@@ -273,10 +313,14 @@ class IdentifierTable:
         if not isinstance(header, dict):
             raise IdentifierTableError(f"{header_path} must hold a JSON object, got {type(header).__name__}")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise IdentifierTableError(
-                f"{header_path} has format_version {version!r}; this version of gcmr reads {FORMAT_VERSION}"
+                f"{header_path} has format_version {version!r}; this version of gcmr reads {READABLE_VERSIONS}"
             )
+        if (version == EDITED_FORMAT_VERSION) != ("edit_signature" in header):
+            raise IdentifierTableError(f"{header_path}: format_version 2 is for edited tables (with edit_signature), "
+                                       f"format_version 1 for the others; this header has version {version} "
+                                       f"{'without' if version == EDITED_FORMAT_VERSION else 'with'} one")
         for name in ("id_type", "options", "keys", "units", "content_hash"):
             if name not in header:
                 raise IdentifierTableError(f"{header_path} lacks the field {name!r}")
@@ -296,6 +340,8 @@ class IdentifierTable:
                 id_type=header["id_type"],
                 options=header["options"],
                 unit_vectors=tensors.get("unit_vectors"),
+                removed=tensors["removed"].astype(bool) if "removed" in tensors else None,
+                edit_signature=header.get("edit_signature"),
             )
         except IdentifierTableError as err:
             raise IdentifierTableError(

@@ -11,6 +11,11 @@ other (semantic ids) stay apart: only the EOS edge ends one. Node 0 is the root;
 ``(node, token)``, so ``node * vocab_size + token`` is a sorted search key. An EOS edge points to
 ``-(key_index + 1)`` instead of a node. Nodes are numbered level by level, which lets the build run as a handful
 of numpy passes (one per token position) instead of a Python loop per identifier.
+
+Removed identifiers (a collection that shrinks, `remove_identifiers`) keep their edges, so edge numbers never
+change on removal (the model's identifier head keys its vectors by them); each edge counts the live identifiers
+below it, and an edge whose count reaches zero is dead: walks, `edges_of` and lookups skip it, so a removed
+identifier can never be generated or looked up again. `paths` still follows dead edges (the head needs every row).
 """
 from __future__ import annotations
 
@@ -55,23 +60,39 @@ class DeviceTrie:
         self.key_index = put(np.append(np.where(nodes < 0, -nodes - 1, -1), -1))
         self.parent = put(parent)
         self.edge_key = put(parent * trie.vocab_size + trie.child_tokens.astype(np.int64))
+        # None while every identifier is live: the walks then skip the extra gather.
+        self.dead = None if trie.live_below is None else torch.from_numpy(
+            np.append(trie.live_below == 0, False)).to(device)
+
+    def mark_dead(self, edges: np.ndarray) -> None:
+        """Edges (numpy indices) that lost their last live identifier."""
+        if self.dead is None:
+            self.dead = torch.zeros(self.num_edges + 1, dtype=torch.bool, device=self.device)
+        self.dead[torch.as_tensor(edges, dtype=torch.long, device=self.device)] = True
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.offsets, self.fanout, self.tokens, self.next_node, self.key_index,
                                       self.parent, self.edge_key))
 
-    def find_edges(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Edge index of (node, token) for every row, or -1 where there is no such edge (or node is -1)."""
+    def find_edges(self, nodes: torch.Tensor, tokens: torch.Tensor, live_only: bool = True) -> torch.Tensor:
+        """Edge index of (node, token) for every row, or -1 where there is no such edge (or node is -1).
+
+        With `live_only`, an edge with no live identifier below it (all removed) counts as no edge.
+        """
         if self.num_edges == 0:
             return torch.full_like(nodes, -1)
         valid = (nodes >= 0) & (tokens >= 0) & (tokens < self.vocab_size)
         keys = nodes.clamp(min=0) * self.vocab_size + tokens.clamp(0, self.vocab_size - 1)
         edges = torch.searchsorted(self.edge_key, keys).clamp_(max=self.num_edges - 1)
-        return torch.where(valid & (self.edge_key[edges] == keys), edges, -1)
+        edges = torch.where(valid & (self.edge_key[edges] == keys), edges, -1)
+        if live_only and self.dead is not None:
+            edges = torch.where(self.dead[edges], -1, edges)
+        return edges
 
-    def step(self, nodes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, nodes: torch.Tensor, tokens: torch.Tensor,
+             live_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One token deeper for every row: (edge taken or -1, node reached or -1)."""
-        edges = self.find_edges(nodes, tokens)
+        edges = self.find_edges(nodes, tokens, live_only)
         return edges, self.next_node[edges]
 
     def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
@@ -87,9 +108,13 @@ class DeviceTrie:
         total = int(counts.sum())  # the one host sync of a step
         rows = torch.repeat_interleave(torch.arange(len(nodes), device=self.device), counts, output_size=total)
         first_edge = self.offsets[nodes] - (torch.cumsum(counts, 0) - counts)
-        return rows, torch.arange(total, device=self.device) + first_edge[rows]
+        edges = torch.arange(total, device=self.device) + first_edge[rows]
+        if self.dead is not None:
+            live = ~self.dead[edges]
+            rows, edges = rows[live], edges[live]
+        return rows, edges
 
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+    def lookup(self, rows: torch.Tensor, live_only: bool = True) -> torch.Tensor:
         """Key index of each row of token ids (B, L), or -1; a row ends at its first -1 or EOS."""
         batch, width = rows.shape
         nodes = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -98,10 +123,10 @@ class DeviceTrie:
         for position in range(width + 1):
             token = rows[:, position] if position < width else torch.full_like(nodes, -1)
             ends = ~ended & ((token < 0) | (token == self.eos_token_id))
-            edges = self.find_edges(torch.where(ends, nodes, -1), torch.full_like(token, self.eos_token_id))
+            edges = self.find_edges(torch.where(ends, nodes, -1), torch.full_like(token, self.eos_token_id), live_only)
             result = torch.where(ends, self.key_index[edges], result)
             ended |= ends
-            nodes = torch.where(ended, -1, self.step(nodes, token)[1])
+            nodes = torch.where(ended, -1, self.step(nodes, token, live_only)[1])
         return result
 
 
@@ -118,6 +143,7 @@ class PrefixTrie:
         child_nodes: np.ndarray,
         eos_token_id: int,
         vocab_size: int,
+        live_below: np.ndarray | None = None,
     ) -> None:
         self.offsets = np.asarray(offsets)
         self.child_tokens = np.asarray(child_tokens)
@@ -125,7 +151,13 @@ class PrefixTrie:
         self.eos_token_id = int(eos_token_id)
         self.vocab_size = int(vocab_size)
         self._validate()
+        # Live identifiers below each edge; None while nothing was removed.
+        self.live_below = None if live_below is None else np.asarray(live_below, dtype=np.int32)
+        if self.live_below is not None and self.live_below.shape != self.child_tokens.shape:
+            raise PrefixTrieError(f"live_below must have one count per edge ({self.num_edges})")
         self.num_identifiers = int((self.child_nodes < 0).sum())
+        if self.live_below is not None:
+            self.num_identifiers = int((self.live_below[self.child_nodes < 0] > 0).sum())
         self._devices: dict[torch.device, DeviceTrie] = {}
 
     def _validate(self) -> None:
@@ -222,6 +254,35 @@ class PrefixTrie:
             int(arrays["eos_token_id"]), int(arrays["vocab_size"]),
         )
 
+    def remove_identifiers(self, paths: np.ndarray) -> None:
+        """Make identifiers unreachable, given their `paths` rows (edges, -1 padded; all live, none repeated).
+
+        Edges keep their numbers; each cached device engine is updated in place. Costs O(rows x depth).
+        """
+        edges = np.asarray(paths, dtype=np.int64)
+        edges = edges[edges >= 0]
+        if self.live_below is None:
+            self.live_below = self._all_live_counts()
+        unique, counts = np.unique(edges, return_counts=True)
+        if (self.live_below[unique] < counts).any():
+            raise PrefixTrieError("an identifier that is not live cannot be removed (removed twice?)")
+        self.live_below[unique] -= counts.astype(np.int32)
+        newly_dead = unique[self.live_below[unique] == 0]
+        for engine in self._devices.values():
+            engine.mark_dead(newly_dead)
+        self.num_identifiers -= int((self.child_nodes[edges] < 0).sum())
+
+    def _all_live_counts(self) -> np.ndarray:
+        """Identifiers below every edge when all are live: 1 on an EOS edge, its child node's total otherwise."""
+        edge_node = np.repeat(np.arange(self.num_nodes), np.diff(self.offsets))
+        inner = np.flatnonzero(self.child_nodes >= 0)
+        counts = (self.child_nodes < 0).astype(np.int64)
+        # One pass per level settles one more level from the bottom; the depth is small (a handful of tokens).
+        for _ in range(self.depth):
+            below = np.bincount(edge_node, weights=counts, minlength=self.num_nodes).astype(np.int64)
+            counts[inner] = below[self.child_nodes[inner]]
+        return counts.astype(np.int32)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The CSR arrays plus ``eos_token_id`` and ``vocab_size`` as 0-d arrays."""
         return {
@@ -269,17 +330,17 @@ class PrefixTrie:
             first, last = (int(inner.min()), int(inner.max()) + 1) if inner.size else (0, 0)
         return depth
 
-    def lookup(self, rows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def lookup(self, rows: np.ndarray | torch.Tensor, live_only: bool = True) -> np.ndarray | torch.Tensor:
         """Key index of each row of token ids (B, L), or -1 where the row is not an identifier.
 
         A row ends at its first -1 or EOS (anything after that is ignored). Numpy in, numpy out; a tensor is
-        looked up on its own device.
+        looked up on its own device. A removed identifier is not one, unless `live_only` is False.
         """
         as_numpy = not isinstance(rows, torch.Tensor)
         tensor = torch.as_tensor(np.asarray(rows, dtype=np.int64)) if as_numpy else rows.long()
         if tensor.ndim != 2:
             raise PrefixTrieError(f"rows must be 2-D (B, L), got shape {tuple(tensor.shape)}")
-        found = self.on(tensor.device).lookup(tensor)
+        found = self.on(tensor.device).lookup(tensor, live_only)
         return found.numpy() if as_numpy else found
 
     def paths(self, rows: np.ndarray) -> np.ndarray:
@@ -292,7 +353,7 @@ class PrefixTrie:
         nodes = torch.zeros(len(tokens), dtype=torch.long)
         paths = torch.full(tokens.shape, -1, dtype=torch.long)
         for position in range(tokens.shape[1]):
-            paths[:, position], nodes = engine.step(nodes, tokens[:, position])
+            paths[:, position], nodes = engine.step(nodes, tokens[:, position], live_only=False)
         return paths.numpy()
 
     def allowed(self, prefix: list[int] | np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizer
 
+from .identifier_edits import CollectionEdit, CollectionEditError, prepare_add, prepare_remove
 from .identifier_table import (
     TABLE_HEADER_NAME,
     TABLE_WEIGHTS_NAME,
@@ -203,6 +204,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
                 unit_ids[index] = num_text + len(new_units)
                 new_units.append(unit)
         self._num_text = num_text
+        self._unit_ids = unit_ids
         self._new_units = new_units
         self._unit_to_id = {unit: num_text + rank for rank, unit in enumerate(new_units)}
         codes = self._table.codes
@@ -309,14 +311,79 @@ class ImageIdTokenizer(PreTrainedTokenizer):
 
     @property
     def prefix_trie(self) -> PrefixTrie:
-        """The identifiers (each followed by EOS) as a CSR prefix trie; built on first use."""
+        """The identifiers (each followed by EOS) as a CSR prefix trie; built on first use. Removed images'
+        identifiers keep their edges (the edge numbers stay) but are dead: they can never be generated."""
         if self._trie is None:
-            self._trie = PrefixTrie.from_sequences(self.identifier_token_rows, self.eos_token_id, len(self))
+            trie = PrefixTrie.from_sequences(self.identifier_token_rows, self.eos_token_id, len(self))
+            removed = ~self._table.live_mask()
+            if removed.any():
+                trie.remove_identifiers(trie.paths(self.identifier_token_rows[removed]))
+            self._trie = trie
         return self._trie
 
     @property
+    def removed_keys(self) -> tuple[str, ...]:
+        """Keys of the images removed from the collection (their rows stay in the table, never generated)."""
+        removed = self._table.removed
+        if removed is None:
+            return ()
+        return tuple(self._table.keys[row] for row in np.flatnonzero(removed))
+
+    @property
+    def current_keys(self) -> tuple[str, ...]:
+        """The keys of the collection now: `keys` without the removed ones."""
+        if self._table.removed is None:
+            return self._table.keys
+        return tuple(key for key, live in zip(self._table.keys, self._table.live_mask()) if live)
+
+    # --- collection edits (identifier_edits.py; model.add_images / remove_images edit model and tokenizer together)
+
+    def prepare_add(self, keys: Sequence[str], image_embeds: Any = None, captions: Any = None,
+                    edge_vectors: np.ndarray | None = None, neighbors: np.ndarray | None = None) -> CollectionEdit:
+        """Check and build new identifiers for `keys`, without changing anything; `apply_edit` makes it so.
+
+        Use `model.add_images(keys, tokenizer, ...)`, which edits the model in the same call; this is its
+        tokenizer half. `image_embeds` (coarse_fine, structured), `captions` (semantic) and the model's
+        `edge_vectors` (structured) as the id type needs; `neighbors` (coarse_fine): per new image the row whose codes
+        it shares (-1: the centroids decide).
+        """
+        return prepare_add(self, keys, image_embeds, captions, edge_vectors, neighbors)
+
+    def prepare_remove(self, keys: Sequence[str]) -> CollectionEdit:
+        """Check a removal of `keys`, without changing anything; `apply_edit` makes it so."""
+        return prepare_remove(self, keys)
+
+    def apply_edit(self, edit: CollectionEdit) -> None:
+        """Swap in a prepared edit (nothing here can fail half-way: every check ran in `prepare_*`)."""
+        if edit.base_signature != self.identifier_signature:
+            raise CollectionEditError("this edit was prepared for another state of the tokenizer (signature "
+                                      f"{edit.base_signature[:12]}..., now {self.identifier_signature[:12]}...)")
+        if edit.kind == "add":
+            first = len(self._table.keys)
+            self._lengths.extend((edit.token_rows[first:] >= 0).sum(axis=1).tolist())
+            self._key_to_row.update((key, first + index) for index, key in enumerate(edit.table.keys[first:]))
+            self._unit_to_id.update((unit, self._num_text + len(self._new_units) + rank)
+                                    for rank, unit in enumerate(edit.new_units))
+            self._new_units.extend(edit.new_units)
+            self._unit_ids = edit.unit_ids
+            self._token_rows = edit.token_rows
+            self._trie = edit.trie
+            self._table = edit.table
+            self._update_total_vocab_size()
+        else:
+            self._table = edit.table
+            if self._trie is not None:
+                self._trie.remove_identifiers(edit.removed_paths)
+        self._signature = edit.signature
+
+    @property
     def identifier_signature(self) -> str:
-        """sha256 of the identifier table and the text vocabulary: a model trained on other ids won't match."""
+        """sha256 of the identifier table and the text vocabulary: a model trained on other ids won't match.
+
+        After an edit (images added or removed) the signature chains the edits instead (`identifier_edits.py`).
+        """
+        if self._signature is None and self._table.edit_signature is not None:
+            self._signature = self._table.edit_signature
         if self._signature is None:
             digest = hashlib.sha256(self._table.content_hash.encode())
             digest.update(json.dumps(self._text_tokens, ensure_ascii=False).encode())
@@ -328,6 +395,8 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         row = self._key_to_row.get(key)
         if row is None:
             raise KeyError(f"no identifier for image key {key!r} in this tokenizer's table")
+        if self._table.removed is not None and self._table.removed[row]:
+            raise KeyError(f"image key {key!r} was removed from the collection")
         return self._token_rows[row, : self._lengths[row]].tolist()
 
     def encode_identifiers(self, keys: Iterable[str]) -> list[list[int]]:

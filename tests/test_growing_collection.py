@@ -1,0 +1,362 @@
+"""Collections that grow and shrink (issue 10): `model.add_images` / `model.remove_images` on tiny real models.
+
+Every id type gets new identifiers by its own rules; an added image is found by its own feature at once; removed
+images never come back (plain search, rerank, hybrid); edits survive save/load and remote code; every bad input
+raises a clear error and changes nothing (state dict, table hash, signature, trie).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_captions
+from subprocess_utils import run_without_package
+
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+DIM = 8
+NUM_OLD, NUM_NEW = 24, 8
+HEAD_TYPES = {
+    "coarse_fine": dict(num_coarse=4, num_levels=2, codebook_size=4, fine_quantizer="residual_kmeans"),
+    "coarse_fine_rqvae": dict(num_coarse=4, num_levels=2, codebook_size=4, rqvae_epochs=2, rqvae_hidden_dim=8,
+                              rqvae_latent_dim=4),
+    "structured": dict(branching=3, leaf_size=4),
+    "atomic": {},
+    "numeric": {},
+}
+TEXT_TYPES = ("string", "semantic")
+
+
+def _features(count: int, seed: int) -> np.ndarray:
+    features = np.random.default_rng(seed).normal(size=(count, DIM)).astype(np.float32)
+    return features / np.linalg.norm(features, axis=1, keepdims=True)
+
+
+OLD, NEW = _features(NUM_OLD, 0), _features(NUM_NEW, 1)
+OLD_KEYS = [f"old{i}" for i in range(NUM_OLD)]
+NEW_KEYS = [f"new{i}" for i in range(NUM_NEW)]
+CAPTIONS = synthetic_captions(NUM_OLD + NUM_NEW, seed=7)
+
+
+def _pair(id_type: str, text_tokenizer, store_features: bool = False) -> tuple[GcmrForRetrieval, ImageIdTokenizer]:
+    options = dict(HEAD_TYPES.get(id_type, {}))
+    if id_type in TEXT_TYPES:
+        options["text_tokenizer"] = text_tokenizer
+    table = build_identifiers(OLD_KEYS, id_type.removesuffix("_rqvae"), embeddings=OLD, captions=CAPTIONS[:NUM_OLD],
+                              seed=0, **options)
+    tokenizer = ImageIdTokenizer(text_tokenizer, table)
+    torch.manual_seed(0)
+    config = GcmrConfig(text_config=dict(model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32,
+                                         d_kv=4, num_heads=4, num_layers=1), image_embed_dim=DIM)
+    model = GcmrForRetrieval(config)
+    if id_type in TEXT_TYPES:
+        model.set_identifier_vocabulary(tokenizer, init="random")
+    else:
+        model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=OLD)
+        if store_features:
+            model.store_image_features(OLD)
+    return model.eval(), tokenizer
+
+
+def _image_hits(model, tokenizer, features, top_k=1, **kwargs) -> list[list[str]]:
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=features, top_k=top_k, num_beams=max(top_k, 5), **kwargs)
+    return [[key for key, _ in row] for row in hits]
+
+
+def _snapshot(model, tokenizer) -> dict:
+    return {
+        "state": {name: value.clone() for name, value in model.state_dict().items()},
+        "config": model.config.to_json_string(),
+        "hash": tokenizer.identifier_table.content_hash,
+        "signature": tokenizer.identifier_signature,
+        "vocab": len(tokenizer),
+        "live": tokenizer.prefix_trie.num_identifiers,
+        "rows": tokenizer.identifier_token_rows.copy(),
+    }
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    assert before["state"].keys() == after["state"].keys()
+    for name, value in before["state"].items():
+        assert torch.equal(value, after["state"][name]), name
+    for name in ("config", "hash", "signature", "vocab", "live"):
+        assert before[name] == after[name], name
+    np.testing.assert_array_equal(before["rows"], after["rows"])
+
+
+# ------------------------------------------------------------------------------------------------- adding
+@pytest.mark.parametrize("id_type", list(HEAD_TYPES))
+def test_an_added_image_is_found_by_its_own_feature_at_once(id_type, text_tokenizer):
+    model, tokenizer = _pair(id_type, text_tokenizer)
+    signature, table_hash = tokenizer.identifier_signature, tokenizer.identifier_table.content_hash
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    assert _image_hits(model, tokenizer, NEW) == [[key] for key in NEW_KEYS]
+    # the old images keep their identifiers and are still found first by their own features
+    assert _image_hits(model, tokenizer, OLD) == [[key] for key in OLD_KEYS]
+    assert tokenizer.keys == tuple(OLD_KEYS + NEW_KEYS)
+    assert [tokenizer.key_for(tokenizer.identifier_ids(key)) for key in NEW_KEYS] == NEW_KEYS
+    assert model.config.num_identifiers == len(tokenizer.keys)
+    assert model.config.num_identifier_edges == tokenizer.prefix_trie.num_edges
+    assert tokenizer.identifier_signature != signature and tokenizer.identifier_table.content_hash != table_hash
+    assert model.config.identifier_signature == tokenizer.identifier_signature
+
+
+def test_identifiers_follow_their_id_types_rules(text_tokenizer):
+    model, tokenizer = _pair("atomic", text_tokenizer)
+    model.add_images(["a", "b"], tokenizer, image_embeds=NEW[:2])
+    assert tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids("b")) == [f"<a_{NUM_OLD + 1}>"]
+    model, tokenizer = _pair("numeric", text_tokenizer)
+    model.add_images(["a"], tokenizer, image_embeds=NEW[:1])
+    assert tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids("a")) == ["<n_2>", "<n_4>"]  # row 24
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    twin = OLD[:1] + 1e-4  # the codes of an existing image: a uniqueness token sets it apart
+    model.add_images(["twin"], tokenizer, image_embeds=twin)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids("twin"))
+    assert tokens[-1].startswith("<u_") and tokens[:-1] == tokenizer.convert_ids_to_tokens(
+        tokenizer.identifier_ids(OLD_KEYS[0]))[: len(tokens) - 1]
+    assert _image_hits(model, tokenizer, twin, top_k=2)[0][0] in ("twin", OLD_KEYS[0])
+
+
+def test_coarse_fine_placement_by_the_model_or_by_the_centroids(text_tokenizer):
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    top = [row[0] for row in _image_hits(model, tokenizer, NEW)]
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)  # placement="model": under the model's first hit
+    for key, neighbor in zip(NEW_KEYS, top):
+        mine, theirs = tokenizer.identifier_ids(key), tokenizer.identifier_ids(neighbor)
+        assert mine[: len(theirs) - 1] == theirs[: len(theirs) - 1]
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW, placement="centroids")
+    table = tokenizer.identifier_table
+    coarse = [unit for unit in table.units if unit.startswith("<c_")]
+    centroids = table.unit_vectors[[table.units.index(unit) for unit in coarse]]
+    nearest = np.argmin(((NEW[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert [tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids(key))[0] for key in NEW_KEYS] == [
+        coarse[index] for index in nearest]
+    assert _image_hits(model, tokenizer, NEW) == [[key] for key in NEW_KEYS]
+
+
+@pytest.mark.parametrize("id_type", TEXT_TYPES)
+def test_text_head_types_grow_the_vocabulary_and_stay_on_the_trie(id_type, text_tokenizer):
+    model, tokenizer = _pair(id_type, text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, captions=CAPTIONS[NUM_OLD:])
+    assert model.vocab_size == len(tokenizer)
+    assert [tokenizer.key_for(tokenizer.identifier_ids(key)) for key in NEW_KEYS] == NEW_KEYS
+    hits = model.retrieve(CAPTIONS[:4], tokenizer, top_k=5, num_beams=5)
+    assert all(key in tokenizer.current_keys for row in hits for key, _ in row)
+    model.remove_images(NEW_KEYS[:2], tokenizer)
+    hits = model.retrieve(CAPTIONS[NUM_OLD:], tokenizer, top_k=10, num_beams=10)
+    assert not {key for row in hits for key, _ in row} & set(NEW_KEYS[:2])
+
+
+def test_semantic_identifiers_need_captions(text_tokenizer):
+    model, tokenizer = _pair("semantic", text_tokenizer)
+    with pytest.raises(ValueError, match="pass captions="):
+        model.add_images(NEW_KEYS, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------- removing
+@pytest.mark.parametrize("id_type", ["coarse_fine", "structured", "atomic"])
+def test_removed_images_never_come_back(id_type, text_tokenizer):
+    model, tokenizer = _pair(id_type, text_tokenizer, store_features=True)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    torch.testing.assert_close(model.stored_image_features[NUM_OLD:], torch.as_tensor(NEW))
+    gone = OLD_KEYS[::3] + NEW_KEYS[:3]
+    model.remove_images(gone[:4], tokenizer)
+    model.remove_images(gone[4:], tokenizer)
+    assert set(tokenizer.removed_keys) == set(gone)
+    assert set(tokenizer.current_keys) == set(OLD_KEYS + NEW_KEYS) - set(gone)
+    live = len(tokenizer.current_keys)
+    assert tokenizer.prefix_trie.num_identifiers == live
+    queries = np.random.default_rng(3).normal(size=(2000, DIM)).astype(np.float32)
+    for rerank in (None, "features", "hybrid"):
+        hits = _image_hits(model, tokenizer, queries if rerank is None else queries[:300], top_k=5, rerank=rerank,
+                           batch_size=500)
+        assert {key for row in hits for key in row} <= set(tokenizer.current_keys), rerank
+    # asking for every identifier returns exactly the live ones
+    everything = _image_hits(model, tokenizer, queries[:3], top_k=100)
+    assert all(sorted(row) == sorted(tokenizer.current_keys) for row in everything)
+    # a removed image's own feature finds something else; its identifier is no longer one
+    assert all(row[0] not in gone for row in _image_hits(model, tokenizer, OLD[::3]))
+    assert tokenizer.key_for(tokenizer.identifier_token_rows[0][tokenizer.identifier_token_rows[0] >= 0]) is None
+    with pytest.raises(KeyError, match="was removed"):
+        tokenizer.encode_identifiers([gone[0]])
+
+
+def test_a_rebuilt_trie_kills_the_same_edges_as_the_edited_one(text_tokenizer):
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.remove_images(OLD_KEYS[:5], tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    model.remove_images(NEW_KEYS[:2], tokenizer)
+    edited = tokenizer.prefix_trie
+    rebuilt = ImageIdTokenizer(text_tokenizer, tokenizer.identifier_table).prefix_trie
+    np.testing.assert_array_equal(edited.live_below, rebuilt.live_below)
+    assert edited.num_identifiers == rebuilt.num_identifiers == NUM_OLD + NUM_NEW - 7
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def _bad_calls(other_tokenizer):
+    wide = np.ones((1, DIM + 1), np.float32)
+    nan = NEW[:1].copy()
+    nan[0, 2] = np.nan
+    return [
+        ("duplicate key in the call", lambda m, t: m.add_images(["x", "x"], t, image_embeds=NEW[:2]), "duplicate key"),
+        ("key already present", lambda m, t: m.add_images([OLD_KEYS[1]], t, image_embeds=NEW[:1]), "already in"),
+        ("removed key added again", lambda m, t: m.add_images([OLD_KEYS[0]], t, image_embeds=NEW[:1]),
+         "was removed"),
+        ("wrong width", lambda m, t: m.add_images(["x"], t, image_embeds=wide), r"shape \(1, 8\)"),
+        ("NaN feature", lambda m, t: m.add_images(["x"], t, image_embeds=nan), "NaN or inf"),
+        ("rows do not match keys", lambda m, t: m.add_images(["x", "y"], t, image_embeds=NEW[:1]), "one row per key"),
+        ("no features", lambda m, t: m.add_images(["x"], t), "needs the new images"),
+        ("a bare string", lambda m, t: m.add_images("x", t, image_embeds=NEW[:1]), "list of image keys"),
+        ("empty key", lambda m, t: m.add_images([" "], t, image_embeds=NEW[:1]), "non-empty string"),
+        ("unknown key", lambda m, t: m.remove_images(["nope"], t), "unknown key"),
+        ("removed twice", lambda m, t: m.remove_images([OLD_KEYS[0]], t), "already removed"),
+        ("removed twice in one call", lambda m, t: m.remove_images([OLD_KEYS[2], OLD_KEYS[2]], t), "duplicate key"),
+        ("no keys", lambda m, t: m.remove_images([], t), "keys is empty"),
+        ("unknown placement", lambda m, t: m.add_images(["x"], t, image_embeds=NEW[:1], placement="dice"),
+         "placement must be one of"),
+        ("tokenizer of another edit", lambda m, t: m.add_images(["x"], other_tokenizer, image_embeds=NEW[:1]),
+         "identifier vocabulary mismatch"),
+    ]
+
+
+def test_every_bad_call_raises_a_clear_error_and_changes_nothing(text_tokenizer, tmp_path):
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    tokenizer.save_pretrained(tmp_path)
+    model.remove_images([OLD_KEYS[0]], tokenizer)
+    other = ImageIdTokenizer.from_pretrained(tmp_path)  # before the removal: another edit
+    before = _snapshot(model, tokenizer)
+    for name, call, message in _bad_calls(other):
+        with pytest.raises(ValueError, match=message):
+            call(model, tokenizer)
+        _assert_unchanged(before, _snapshot(model, tokenizer))
+    # and the pair still works
+    model.add_images(["x"], tokenizer, image_embeds=NEW[:1])
+    assert _image_hits(model, tokenizer, NEW[:1]) == [["x"]]
+
+
+def test_a_model_and_a_tokenizer_from_different_edits_are_refused(text_tokenizer, tmp_path):
+    model, tokenizer = _pair("atomic", text_tokenizer)
+    tokenizer.save_pretrained(tmp_path)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    stale = ImageIdTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="identifier vocabulary mismatch"):
+        model.retrieve(tokenizer=stale, image_embeds=NEW[:1])
+    # the same keys added to a copy give the same signature only with the same codes and order
+    signatures, hashes = {tokenizer.identifier_signature}, {tokenizer.identifier_table.content_hash}
+    model.remove_images(NEW_KEYS[:1], tokenizer)
+    signatures.add(tokenizer.identifier_signature)
+    hashes.add(tokenizer.identifier_table.content_hash)
+    assert len(signatures) == len(hashes) == 2 and model.config.identifier_signature == tokenizer.identifier_signature
+
+
+# ------------------------------------------------------------------------------------------------- save / load
+def _edited_pair(text_tokenizer):
+    model, tokenizer = _pair("coarse_fine", text_tokenizer, store_features=True)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    model.remove_images([OLD_KEYS[0], NEW_KEYS[0]], tokenizer)
+    return model, tokenizer
+
+
+def _scores_match(got, want) -> None:
+    assert [[key for key, _ in row] for row in got] == [[key for key, _ in row] for row in want]
+    for got_row, want_row in zip(got, want):
+        np.testing.assert_allclose([s for _, s in got_row], [s for _, s in want_row], rtol=1e-5, atol=1e-4)
+
+
+def test_save_and_reload_keep_the_edits(text_tokenizer, tmp_path):
+    model, tokenizer = _edited_pair(text_tokenizer)
+    queries = np.concatenate([OLD[:4], NEW[:4]])
+    before = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=3, num_beams=5, rerank="hybrid")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    header = json.loads((tmp_path / "identifier_table.json").read_text())
+    assert header["format_version"] == 2 and header["edit_signature"] == tokenizer.identifier_signature
+    loaded_model = GcmrForRetrieval.from_pretrained(tmp_path).eval()
+    loaded = ImageIdTokenizer.from_pretrained(tmp_path)
+    assert loaded.identifier_signature == tokenizer.identifier_signature
+    assert loaded.removed_keys == tokenizer.removed_keys and loaded.keys == tokenizer.keys
+    _scores_match(loaded_model.retrieve(tokenizer=loaded, image_embeds=queries, top_k=3, num_beams=5,
+                                        rerank="hybrid"), before)
+    # the reloaded pair can be edited further
+    loaded_model.add_images(["later"], loaded, image_embeds=_features(1, 9))
+    assert _image_hits(loaded_model, loaded, _features(1, 9)) == [["later"]]
+
+
+def test_remote_code_reload_keeps_the_edits(text_tokenizer, tmp_path):
+    model, tokenizer = _edited_pair(text_tokenizer)
+    queries = np.concatenate([OLD[:4], NEW[:4]])
+    before = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=3, num_beams=5)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    after = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoTokenizer
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        queries = torch.tensor({queries.tolist()!r})
+        hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=3, num_beams=5)
+        model.add_images(["remote"], tokenizer, image_embeds=queries[:1] * 0.5 + 0.1)
+        print(json.dumps({{"hits": hits, "removed": list(tokenizer.removed_keys), "module": type(model).__module__,
+                          "remote": tokenizer.key_for(tokenizer.identifier_ids("remote"))}}))
+        """,
+        cwd=str(tmp_path),
+    )
+    assert after["module"].startswith("transformers_modules")
+    assert sorted(after["removed"]) == sorted(tokenizer.removed_keys) and after["remote"] == "remote"
+    _scores_match(after["hits"], json.loads(json.dumps(before)))
+
+
+# ------------------------------------------------------------------------------------------------- refresh
+def _corpus(keys, captions, features):
+    import datasets
+
+    return datasets.Dataset.from_dict({"image_key": list(keys), "captions": [[c] for c in captions],
+                                       "image_embeds": [row.tolist() for row in features]})
+
+
+def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_tokenizer, tmp_path):
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add, replay_sample
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    old = _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD)
+    new = _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW)
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
+    with pytest.raises(ValueError, match="call model.add_images"):
+        refresh_after_add(model, tokenizer, new, old, args)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    model.remove_images(OLD_KEYS[:20], tokenizer)
+    assert set(replay_sample(old, tokenizer, 100)["image_key"]) == set(OLD_KEYS[20:])
+    before = model.identifier_head.edge_vectors.detach().clone()
+    metrics = refresh_after_add(model, tokenizer, new, old, args, replay_ratio=0.5)
+    assert metrics["train_loss"] > 0 and not model.training
+    assert not torch.equal(before, model.identifier_head.edge_vectors.detach())
+    hits = model.retrieve(CAPTIONS[NUM_OLD:], tokenizer, top_k=3, num_beams=5)
+    assert {key for row in hits for key, _ in row} <= set(tokenizer.current_keys)
+
+
+def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_tokenizer, tmp_path):
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    head = model.identifier_head
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
+    refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW),
+                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args, scope="new")
+    old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
+    changed = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
+    assert changed == ["identifier_head.edge_vectors"]
+    assert torch.equal(head.edge_vectors[old_edges], before["identifier_head.edge_vectors"][old_edges])
+    # the freeze is undone (the text encoder stays frozen, as the refresh asked)
+    assert model.query_projection.weight.requires_grad and head.step_query.weight.requires_grad
+    assert model.text_encoder_is_frozen()
