@@ -325,9 +325,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
     def removed_keys(self) -> tuple[str, ...]:
         """Keys of the images removed from the collection (their rows stay in the table, never generated)."""
         removed = self._table.removed
-        if removed is None:
-            return ()
-        return tuple(self._table.keys[row] for row in np.flatnonzero(removed))
+        return () if removed is None else tuple(self._table.keys[row] for row in np.flatnonzero(removed))
 
     @property
     def current_keys(self) -> tuple[str, ...]:
@@ -340,13 +338,8 @@ class ImageIdTokenizer(PreTrainedTokenizer):
 
     def prepare_add(self, keys: Sequence[str], image_embeds: Any = None, captions: Any = None,
                     edge_vectors: np.ndarray | None = None, neighbors: np.ndarray | None = None) -> CollectionEdit:
-        """Check and build new identifiers for `keys`, without changing anything; `apply_edit` makes it so.
-
-        Use `model.add_images(keys, tokenizer, ...)`, which edits the model in the same call; this is its
-        tokenizer half. `image_embeds` (coarse_fine, structured), `captions` (semantic) and the model's
-        `edge_vectors` (structured) as the id type needs; `neighbors` (coarse_fine): per new image the row whose codes
-        it shares (-1: the centroids decide).
-        """
+        """The tokenizer half of `model.add_images` (use that): new identifiers for `keys`, nothing changed until
+        `apply_edit`. Takes what the id type needs (see `identifier_edits.prepare_add`)."""
         return prepare_add(self, keys, image_embeds, captions, edge_vectors, neighbors)
 
     def prepare_remove(self, keys: Sequence[str]) -> CollectionEdit:
