@@ -32,7 +32,8 @@ class GcmrEncoderOutput(ModelOutput):
         query_vectors: (B, D_id) each row's query vector in the identifier space (format 2 models).
         dense_vectors: (B, D_id) each row's query before any learned map, normalised: the pooled text (when its
             width is the identifier width) or the image feature itself; the dense teacher of distillation. Rows
-            with no such vector (pixel images, text of another width) are NaN.
+            with no such vector (pixel images, text of another width) are NaN. Built only in training with a
+            distillation weight (None otherwise).
         image_rows: (B,) which rows carry an image (memorize rows), when images were given.
     """
 
@@ -309,11 +310,13 @@ def encode_inputs(model: Any, input_ids: torch.LongTensor | None = None, attenti
     if input_ids is None and inputs_embeds is None and not has_images:
         raise ValueError("nothing to encode: pass input_ids (a text query) and/or image_embeds or pixel_values")
     want_layers = model.fusion is not None
+    # Only distillation reads the dense vectors, so only a training pass with a distillation weight builds them.
+    want_dense = model.training and model.config.distill_weight > 0
     parts, masks, layer_parts = [], [], []
     text_queries = image_queries = image_rows = text_dense = image_dense = None
     if has_images:
         visual, image_rows, image_queries = model.get_image_features(pixel_values, image_embeds, image_mask)
-        if image_embeds is not None and image_embeds.shape[-1] == model.config.identifier_dim:
+        if want_dense and image_embeds is not None and image_embeds.shape[-1] == model.config.identifier_dim:
             image_dense = F.normalize((image_embeds.mean(1) if image_embeds.ndim == 3 else image_embeds).float(), dim=-1)
         parts.append(visual)
         masks.append(image_rows[:, None].expand(-1, visual.shape[1]).long())
@@ -328,10 +331,10 @@ def encode_inputs(model: Any, input_ids: torch.LongTensor | None = None, attenti
         if want_layers:
             layer_parts.append(text.layer_states)
         text_queries = F.normalize(model.query_projection(text.query_vectors.to(model.dtype)), dim=-1)
-        if model.config.query_pooling == "pooler":
+        if want_dense and model.config.query_pooling == "pooler":
             # CLIP: its pooled text reaches the image space only through its projection (whatever the widths).
             text_dense = text_queries.detach().float()
-        elif text.query_vectors.shape[-1] == model.config.identifier_dim:
+        elif want_dense and text.query_vectors.shape[-1] == model.config.identifier_dim:
             text_dense = F.normalize(text.query_vectors.float(), dim=-1)
     batches = {part.shape[0] for part in parts}
     if len(batches) != 1:
@@ -339,9 +342,11 @@ def encode_inputs(model: Any, input_ids: torch.LongTensor | None = None, attenti
                          "zero row with image_mask False) per text row")
     # A row with an image is a memorize row: the image is its query.
     queries = by_row(image_rows, image_queries, text_queries)
-    unknown = torch.full((next(iter(batches)), model.config.identifier_dim), float("nan"), device=parts[0].device)
-    dense = by_row(image_rows, image_dense if image_dense is not None or not has_images else unknown,
-                   text_dense if text_dense is not None or text is None else unknown)
+    dense = None
+    if want_dense:
+        unknown = torch.full((next(iter(batches)), model.config.identifier_dim), float("nan"), device=parts[0].device)
+        dense = by_row(image_rows, image_dense if image_dense is not None or not has_images else unknown,
+                       text_dense if text_dense is not None or text is None else unknown)
     return GcmrEncoderOutput(
         last_hidden_state=torch.cat([part.to(model.dtype) for part in parts], dim=1),
         hidden_states=text.hidden_states if text is not None else None,

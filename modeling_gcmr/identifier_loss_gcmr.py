@@ -110,14 +110,15 @@ def teacher_scores(model: Any, encoded: GcmrEncoderOutput, candidates: torch.Ten
     whose query has no vector in the features' space (images given as pixels) are NaN and take no part."""
     if not (model.config.distill_weight > 0 and model.training):
         return None
-    untaught_text = encoded.dense_vectors.isnan().any(dim=-1)
-    if encoded.image_rows is not None:
+    dense = encoded.dense_vectors
+    untaught_text = dense.isnan().any(dim=-1) if dense is not None else None
+    if untaught_text is not None and encoded.image_rows is not None:
         untaught_text &= ~encoded.image_rows
-    if model.stored_image_features is None or untaught_text.any():
+    if model.stored_image_features is None or untaught_text is None or untaught_text.any():
         raise ValueError("distill_weight > 0 needs stored image features (store_image_features) and queries that "
                          "live in their space (text encoder width = image feature width, or image features)")
     features = model.stored_image_features if candidates is None else model.stored_image_features[candidates]
-    return model.config.score_scale * encoded.dense_vectors @ features.T.float()
+    return model.config.score_scale * dense @ features.T.float()
 
 
 __all__ = ["identifier_head_loss"]
