@@ -11,7 +11,9 @@ torch, safetensors and transformers. The tokenization side keeps its own, smalle
 - `replacing_folder`: a whole folder (a retriever checkpoint) is built next to its target and swapped in with
   renameat2(RENAME_EXCHANGE), so the target holds the complete old or the complete new folder at every instant.
   Where the exchange is missing, the old folder is renamed aside first; `recover_interrupted_save` puts it back if
-  the process dies before the new one is renamed in.
+  the process dies before the new one is renamed in. The entries of the old folder that the caller's `keep` names
+  (the user's own files) are hard-linked into the new one before the swap, so the swap never loses them; the
+  current directory, a folder holding it, the home folder and the root are never replaced.
 - Staging, backup and trash folders are named `.<target>.gcmr-<kind>-<pid>-<8 hex>` (inside a folder:
   `.gcmr-staging-<pid>-<8 hex>`): the next save removes exactly those whose process is gone, nothing else.
 - Every file gets the mode the umask gives a new file (`tempfile` makes 0600 files and 0700 folders).
@@ -136,6 +138,11 @@ def _is_running(pid: int) -> bool:
     return True
 
 
+def is_save_leftover(name: str) -> bool:
+    """Whether `name` is a staging, backup or trash folder of a save (of any process, finished or not)."""
+    return _LEFTOVER.match(name) is not None
+
+
 def _leftovers(folder: Path, kinds: tuple[str, ...]) -> list[Path]:
     """Our staging/backup/trash folders of saves into `folder` (beside it, and inside it) whose process is gone."""
     found = []
@@ -212,17 +219,20 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), os.fspath(second))
 
 
-def swap_into_place(staging: Path, folder: Path) -> None:
+def swap_into_place(staging: Path, folder: Path, keep: Callable[[str], bool] | None = None) -> None:
     """Make the finished `staging` folder the new `folder`; an existing `folder` is replaced as a whole.
 
     At every instant `folder` is the complete old or the complete new one (with the two-rename fallback, a killed
-    save leaves only the old one, aside, for `recover_interrupted_save`). The old folder's own mode is kept.
+    save leaves only the old one, aside, for `recover_interrupted_save`). The old folder's own mode is kept, and so
+    is each of its entries whose name `keep` accepts and `staging` lacks (hard-linked across, else copied).
     """
     _seal(staging)
     if not os.path.lexists(folder):
         os.rename(staging, folder)
     else:
         os.chmod(staging, folder.stat().st_mode & 0o7777)
+        if keep is not None:
+            _carry_over(folder, staging, keep)
         if _exchange(staging, folder):
             shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
         else:
@@ -239,23 +249,77 @@ def swap_into_place(staging: Path, folder: Path) -> None:
     _fsync(folder.parent)
 
 
+def _carry_over(folder: Path, staging: Path, keep: Callable[[str], bool]) -> None:
+    """Put the old folder's kept entries into `staging` as they are (after `_seal`: their modes stay the user's).
+
+    Hard links share the files instead of copying them (a `.git` or a Trainer's checkpoints cost nothing); where
+    the file system refuses a link, the file is copied. Symlinks are copied as symlinks.
+    """
+    for name in sorted(os.listdir(folder)):
+        source, target = folder / name, staging / name
+        if is_save_leftover(name) or os.path.lexists(target) or not keep(name):
+            continue
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, target, follow_symlinks=False)
+    _fsync(staging)
+
+
+def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target, follow_symlinks=follow_symlinks)
+    except OSError:  # no hard links on this file system, or a file of another user (protected_hardlinks)
+        shutil.copy2(source, target, follow_symlinks=follow_symlinks)
+
+
+def check_replaceable_location(folder: Path, shown: str | os.PathLike | None = None) -> None:
+    """Refuse to replace `folder` (a resolved path) when it is or holds the current directory, the home folder or
+    the root: a swap would move the process's (or the user's) working tree away. `shown` is the path as given."""
+    described = f"{shown} (-> {folder})" if shown is not None and os.fspath(shown) != str(folder) else str(folder)
+    try:
+        working = Path(os.getcwd()).resolve()
+    except OSError:  # the current directory was removed: nothing to protect
+        working = None
+    if working is not None and (folder == working or working.is_relative_to(folder)):
+        what = "the current directory" if folder == working else f"a folder holding the current directory {working}"
+        raise ValueError(f"refusing to replace {described}: it is {what}, and saving replaces the whole folder; "
+                         "save into a new subfolder instead, e.g. 'my_retriever'")
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home folder known
+        home = None
+    what = ("the file system root" if folder.parent == folder else "your home folder" if folder == home
+            else "a folder holding your home folder" if home is not None and home.is_relative_to(folder) else None)
+    if what is not None:
+        raise ValueError(f"refusing to replace {described}: it is {what}, and saving replaces the whole folder; "
+                         "save into a new subfolder instead, e.g. 'my_retriever'")
+
+
 @contextmanager
-def replacing_folder(folder: str | os.PathLike) -> Iterator[Path]:
+def replacing_folder(folder: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yield an empty staging folder next to `folder`; when the block ends without an error it becomes `folder`.
 
     A kill at any moment leaves the old `folder` or the new one, never a mix; the next call removes what a killed
-    one left behind.
+    one left behind. The old folder's entries that `keep(name)` accepts and the new one lacks are kept. A symlink
+    is followed: the folder it points to is replaced, the link stays. The current directory, a folder holding it,
+    the home folder and the root are refused (`check_replaceable_location`).
     """
+    given = folder
     folder = Path(os.path.realpath(folder))  # through a symlink: the swap replaces the folder it points to
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"cannot save to {folder}: it exists and is not a directory")
+    check_replaceable_location(folder, given)
     folder.parent.mkdir(parents=True, exist_ok=True)
     clean_up_interrupted_saves(folder)
     staging = _leftover_path(folder, "staging")
     staging.mkdir()
     try:
         yield staging
-        swap_into_place(staging, folder)
+        swap_into_place(staging, folder, keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -390,7 +454,9 @@ __all__ = [
     "MIXED_SAVES_HINT",
     "atomic_save_to",
     "atomic_write",
+    "check_replaceable_location",
     "clean_up_interrupted_saves",
+    "is_save_leftover",
     "load_checked",
     "make_shareable",
     "recover_interrupted_save",

@@ -473,7 +473,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
             show_progress: show a tqdm bar; default when there is more than one batch.
             rerank: None, `"features"` or `"hybrid"`: re-score the beam's candidates with the stored image
                 features (see `retrieval_gcmr.py`).
-            rerank_weight: weight of the feature score in `"hybrid"`.
+            rerank_weight: weight of the feature score in `"hybrid"`, a finite number from 0 to 100.
 
         The score is the identifier head's summed dot products (text head: the identifier's log-probability).
         A query without a usable token (only control, zero-width or unknown characters) gets no hits and an

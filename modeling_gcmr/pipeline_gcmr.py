@@ -80,8 +80,8 @@ class GcmrRetrievalPipeline(Pipeline):
             forward_params["top_k"] = check_positive_int("top_k", top_k)
         if num_beams is not None:
             forward_params["num_beams"] = check_positive_int("num_beams", num_beams)
+        check_rerank(self.model, rerank, rerank_weight)  # as retrieve() checks them
         if rerank is not None:
-            check_rerank(self.model, rerank, rerank_weight)
             forward_params.update(rerank=rerank, rerank_weight=rerank_weight)
         if images is not None:
             if not isinstance(images, Mapping):

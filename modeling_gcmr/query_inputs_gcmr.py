@@ -12,10 +12,13 @@ training and in search:
   it gets no hits and an `UnusableQueryWarning`, rather than confident hits for nothing;
 - image queries (`image_embeds`, `pixel_values`) must be finite float arrays;
 - `top_k` and `num_beams` are positive ints, capped at the number of identifiers (a larger beam finds nothing
-  more), and `num_beams` is raised to `top_k`.
+  more), and `num_beams` is raised to `top_k`;
+- `rerank_weight` is a finite number in `RERANK_WEIGHT_RANGE`.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +33,11 @@ logger = logging.get_logger(__name__)
 CHARS_PER_TOKEN = 64
 # Upper bound of top_k / num_beams whatever the corpus size: beam search keeps num_beams hypotheses per query.
 MAX_BEAMS = 1024
+# rerank="hybrid" scores a candidate by its generative score plus rerank_weight times its feature score, both a scale
+# times dot products. 0 keeps the generative order; at 100 the features outweigh it a hundredfold (for the features
+# alone, rerank="features"). Past that the generative part drowns in float32 rounding, and a huge weight (1e39)
+# overflows to inf, or nan, and ranks nothing.
+RERANK_WEIGHT_RANGE = (0.0, 100.0)
 
 
 class UnusableQueryWarning(UserWarning):
@@ -68,6 +76,18 @@ def check_positive_int(name: str, value: Any) -> int:
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def check_rerank_weight(value: Any) -> float:
+    """`rerank_weight` as a float; a ValueError naming it and `RERANK_WEIGHT_RANGE` unless it is a finite number in
+    that range."""
+    low, high = RERANK_WEIGHT_RANGE
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not low <= value <= high):
+        raise ValueError(f"rerank_weight must be a finite number from {low:g} to {high:g} (the weight of the stored "
+                         "features' score added to the generative score in rerank='hybrid'; for the features alone "
+                         f"use rerank='features'), got {value!r}")
+    return float(value)
 
 
 def search_limits(top_k: Any, num_beams: Any, default_beams: int, num_identifiers: int) -> tuple[int, int]:
@@ -140,10 +160,12 @@ def as_image_queries(values: Any, name: str) -> torch.Tensor:
 __all__ = [
     "CHARS_PER_TOKEN",
     "MAX_BEAMS",
+    "RERANK_WEIGHT_RANGE",
     "UnusableQueryWarning",
     "as_image_queries",
     "as_query_list",
     "check_positive_int",
+    "check_rerank_weight",
     "search_limits",
     "query_token_ids",
     "tokenize_queries",

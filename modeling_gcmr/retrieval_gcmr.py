@@ -23,6 +23,7 @@ from .query_inputs_gcmr import (
     as_image_queries,
     as_query_list,
     check_positive_int,
+    check_rerank_weight,
     search_limits,
     tokenize_queries,
     warn_unusable,
@@ -90,8 +91,7 @@ def check_rerank(model: Any, rerank: Any, rerank_weight: Any) -> None:
             "rerank needs image features stored with the checkpoint, and this one has none: call "
             "model.store_image_features(features) (run_gcmr.py --store_image_features) and save again"
         )
-    if isinstance(rerank_weight, bool) or not isinstance(rerank_weight, (int, float)):
-        raise ValueError(f"rerank_weight must be a number, got {rerank_weight!r}")
+    check_rerank_weight(rerank_weight)
 
 
 def search(model: Any, tokenizer: Any, inputs: dict[str, torch.Tensor], top_k: int, num_beams: int,

@@ -6,8 +6,10 @@ that the page refuses with a message.
 import importlib.util
 import json
 import shutil
+import struct
 import sys
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -128,14 +130,28 @@ def test_bad_uploads_and_values_get_a_message_and_the_server_keeps_serving(clien
     notes.write_text("text")
     with pytest.raises(gradio_client.exceptions.AppError, match="Invalid file type"):
         client.predict(gradio_client.handle_file(str(notes)), 3, api_name="/search_upload")
-    with pytest.raises(gradio_client.exceptions.AppError, match="less than minimum value 1"):
-        client.predict(QUERIES[0], 0, api_name="/search")
     # The picker offers the images the folder has; Gradio refuses any other value.
     with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
         client.predict(MISSING_KEYS[0], 3, api_name="/search_collection_image")
     assert server.alive()
     assert_same_hits(client.predict(QUERIES[1], 4, api_name="/search")[1], expected_text(reference, QUERIES[1], 4),
                      reference[1])
+
+
+@pytest.mark.parametrize("top_k", [2.5, "abc", 0])
+def test_top_k_is_judged_by_retrieves_own_check_with_a_message(client, server, reference, top_k):
+    """2.5 was rounded to 2 by Gradio's slider where retrieve() refuses it; "abc" got Gradio's generic error."""
+    model, tokenizer = reference
+    with pytest.raises(ValueError) as refused:
+        model.retrieve([QUERIES[0]], tokenizer, top_k=top_k)
+    html, table, status = client.predict(QUERIES[0], top_k, api_name="/search")
+    assert str(refused.value) in status and "top_k must be a positive int" in status
+    assert html == "" and table["data"] == []
+    _, table, status = client.predict(QUERIES[0], NUM_IMAGES + 1, api_name="/search")
+    assert f"top_k must be a whole number from 1 to {NUM_IMAGES} (the page's limit), got {NUM_IMAGES + 1}" in status
+    assert server.alive()
+    assert_same_hits(client.predict(QUERIES[0], 3, api_name="/search")[1], expected_text(reference, QUERIES[0], 3),
+                     tokenizer)
 
 
 def test_image_search_goes_through_the_vision_tower(client, reference, collection):
@@ -192,7 +208,7 @@ def test_collection_keys_without_a_usable_image_get_a_message(app, reference, co
         searcher.collection_image("no_such_key", 3)
     with pytest.raises(app.SearchError, match=f"The image of '{MISSING_KEYS[0]}' is not in"):
         searcher.collection_image(MISSING_KEYS[0], 3)
-    with pytest.raises(app.SearchError, match="top-k must be a whole number from 1 to 12"):
+    with pytest.raises(app.SearchError, match=r"top_k must be a whole number from 1 to 12 \(the page's limit\)"):
         searcher.text(QUERIES[0], 13)
     damaged = app.ImageCollection(images, {"syn_00001": checkpoint / "config.json"}, [])
     with pytest.raises(app.SearchError, match="The image file of 'syn_00001' .* cannot be read"):
@@ -247,3 +263,89 @@ def test_the_server_listens_on_loopback_unless_in_a_space(app, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "you/gcmr-search")
     assert app.server_name(None) == "0.0.0.0"
     assert app.server_name("127.0.0.1") == "127.0.0.1"
+
+
+def _write_png(path: Path, width: int, height: int) -> Path:
+    """An image of `width` x `height` pixels that costs little to write (1 bit a pixel, all black, compressed)."""
+    Image.new("1", (width, height)).save(path)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_an_upload_over_the_size_limit_gets_advice_not_a_memory_error(app, reference, collection, tmp_path):
+    model, tokenizer = reference
+    searcher = app.Searcher(model, tokenizer, app.index_images(collection[1], tokenizer.keys))
+    huge = _write_png(tmp_path / "poster.png", 12000, 12000)  # 17 KB on disk, 432 MB as RGB
+    html, rows, status = app.respond(searcher, searcher.upload, str(huge), 3)
+    assert (html, rows) == ("", [])
+    assert "'poster.png' is 12000 x 12000 pixels (144,000,000); the page reads images of up to 64,000,000" in status
+    assert "shrink it" in status and "MemoryError" not in status
+    # Over twice PIL's own limit PIL refuses to open it at all: still the same advice.
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b""))  # claims 30000 x 30000
+    _, _, status = app.respond(searcher, searcher.upload, str(bomb), 3)
+    assert "'bomb.png' is too large to open; the page reads images of up to 64,000,000 pixels" in status, status
+    assert "shrink it" in status
+
+
+def test_image_paths_are_confined_to_the_images_folder_as_the_corpus_loader_confines_them(app, reference,
+                                                                                          collection, tmp_path):
+    model, tokenizer = reference
+    key_out, key_abs, key_link = tokenizer.keys[:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "outside").mkdir()
+    _write_png(tmp_path / "outside" / "secret.png", 8, 8)
+    (images / "linked.png").symlink_to(tmp_path / "outside" / "secret.png")
+    rows = [{"image_key": key_out, "file_name": "../outside/secret.png"},
+            {"image_key": key_abs, "file_name": "/etc/passwd"},
+            {"image_key": key_link, "file_name": "linked.png"}]
+    (images / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    index = app.index_images(images, tokenizer.keys)
+    assert not {key_out, key_abs, key_link} & set(index.paths)
+    assert {key_out, key_abs, key_link} <= set(index.missing)
+    assert any("line 1 file_name '../outside/secret.png'" in place for place in index.outside), index.outside
+    assert any("line 2 file_name '/etc/passwd'" in place for place in index.outside), index.outside
+    assert any(place.startswith("file: ") and place.endswith("linked.png") for place in index.outside)
+    searcher = app.Searcher(model, tokenizer, index)
+    assert all(searcher.thumbnail(key) is None for key in (key_out, key_abs, key_link))  # nothing inlined
+    html, _, _ = app.respond(searcher, searcher.text, QUERIES[0], len(tokenizer.keys))
+    assert "data:image/png" not in html  # no result of this folder has an image inside it
+    notice = next(c["props"]["value"] for c in app.build_page(searcher).config["components"]
+                  if c["props"].get("elem_id") == "outside-images")
+    # linked.png counts twice: as a file of the folder and as line 3.
+    assert "4 image path(s) lead outside" in notice and "--allow_paths_outside_images" in notice
+    # The corpus loader refuses the same path with the same helper.
+    from modeling_gcmr.training.corpus_values import image_ref
+
+    _, problem = image_ref("../outside/secret.png", "file_name", images, images.resolve())
+    assert "outside the corpus folder" in problem
+    # Trusted, they are shown.
+    trusted = app.index_images(images, tokenizer.keys, allow_outside=True)
+    assert trusted.paths[key_out] == images / "../outside/secret.png" and trusted.outside == []
+
+
+def test_removed_images_are_not_offered_and_top_k_counts_the_live_ones(app, text_tokenizer, tmp_path):
+    corpus = make_synthetic_corpus(8, captions_per_image=2, seed=5)
+    model, tokenizer = tiny_retriever(text_tokenizer, corpus, vision=False)
+    features = dict(zip(corpus["image_key"], corpus["image_embeds"]))
+    model.store_image_features(torch.tensor([features[key] for key in tokenizer.keys]))
+    removed = list(tokenizer.keys[:3])
+    model.remove_images(removed, tokenizer)
+    live = [key for key in tokenizer.keys if key not in removed]
+    searcher = app.Searcher(model, tokenizer, app.index_images(write_imagefolder(corpus, tmp_path / "images"),
+                                                               tokenizer.current_keys), max_top_k=20)
+    assert searcher.max_top_k == len(live) == 5
+    components = {c["props"].get("elem_id"): c["props"] for c in app.build_page(searcher).config["components"]}
+    offered = [choice[0] if isinstance(choice, (list, tuple)) else choice
+               for choice in components["collection-key"]["choices"]]
+    assert offered == sorted(live)
+    assert components["top-k"]["maximum"] == len(live)
+    with pytest.raises(app.SearchError, match=f"'{removed[0]}' was removed from the collection"):
+        searcher.collection_image(removed[0], 3)
+    hits = searcher.collection_image(live[0], 5)
+    assert len(hits) == 5 and not {key for key, _ in hits} & set(removed)

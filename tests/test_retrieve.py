@@ -264,6 +264,32 @@ def test_rerank_needs_stored_features_and_they_travel_with_the_checkpoint(with_f
         model.store_image_features(torch.zeros(3, 8))
 
 
+@pytest.mark.parametrize("weight", [float("inf"), 1e39, float("nan"), -float("inf"), -0.5, 100.5, "0.5", True, None])
+def test_a_hybrid_weight_outside_its_range_is_refused_by_retrieve_and_the_pipeline(with_features, weight):
+    """inf or 1e39 (inf in float32) used to give fewer than top_k hits scored inf, nan hits in no order."""
+    from transformers import pipeline
+
+    from modeling_gcmr import PIPELINE_TASK
+
+    model, tokenizer = with_features
+    message = r"rerank_weight must be a finite number from 0 to 100 .*got"
+    with pytest.raises(ValueError, match=message):
+        model.retrieve(["a red circle"], tokenizer, top_k=3, rerank="hybrid", rerank_weight=weight)
+    pipe = pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        pipe("a red circle", top_k=3, rerank="hybrid", rerank_weight=weight)
+
+
+def test_the_ends_of_the_hybrid_weight_range_rank_by_each_score(with_features):
+    model, tokenizer = with_features
+    queries = ["a red circle left of a blue square", "a big green star"]
+    generative = model.retrieve(queries, tokenizer, top_k=4, num_beams=6)
+    at_zero = model.retrieve(queries, tokenizer, top_k=4, num_beams=6, rerank="hybrid", rerank_weight=0)
+    assert [[k for k, _ in row] for row in at_zero] == [[k for k, _ in row] for row in generative]
+    at_max = model.retrieve(queries, tokenizer, top_k=4, num_beams=6, rerank="hybrid", rerank_weight=np.float32(100))
+    assert all(len(row) == 4 and all(np.isfinite(score) for _, score in row) for row in at_max)
+
+
 def test_the_pipeline_passes_rerank_through(with_features):
     from transformers import pipeline
 

@@ -5,11 +5,16 @@ and their siblings) next to the weights, so the folder loads with `trust_remote_
 installed. The card is written as README.md explicitly: the Hub's own `push_to_hub` would otherwise write its
 template README. The folder is built next to its target, checked, and swapped in atomically
 (`atomic_write_gcmr.replacing_folder`): a kill at any moment leaves the old checkpoint or the new one.
+
+Only a retriever checkpoint, an empty folder or a new path is ever replaced (`check_save_target`): a swap replaces a
+whole folder, and a folder of other files would lose them all. In a checkpoint that is replaced, every entry that is
+not one of a checkpoint's data files (`CHECKPOINT_DATA_FILES`) is kept.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -19,10 +24,26 @@ from tokenizers import Tokenizer
 
 from tokenization_gcmr.identifier_table import IdentifierTable
 
-from ..atomic_write_gcmr import replacing_folder
+from ..atomic_write_gcmr import check_replaceable_location, is_save_leftover, replacing_folder
 
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "text_tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+# The data files a save of a retriever writes (this version or an earlier one). Re-saving a checkpoint drops the old
+# copies of these that the new save does not write (a shard of a differently sharded model); every other entry of
+# the folder (the code files, a README or script of your own, Trainer output, `.git`) is kept unless the new save
+# writes a file of that name.
+CHECKPOINT_DATA_FILES = re.compile(
+    r"^(?:config\.json|generation_config\.json|model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|tokenizer\.json|text_tokenizer\.json"
+    r"|identifier_table\.(?:json|safetensors))$"
+)
+# What marks a folder as a retriever checkpoint (either half of one): file -> (field, value).
+CHECKPOINT_MARKS = {"config.json": ("model_type", "gcmr"),
+                    "tokenizer_config.json": ("tokenizer_class", "ImageIdTokenizer")}
+# A config larger than this is not one of ours; it is not read to find out.
+_MAX_MARK_BYTES = 16 * 2**20
+# Entries named in the error that refuses a folder.
+_LISTED_ENTRIES = 6
 
 
 def save_retriever(model, tokenizer, folder: str | os.PathLike, card: ModelCard | None = None) -> Path:
@@ -31,17 +52,20 @@ def save_retriever(model, tokenizer, folder: str | os.PathLike, card: ModelCard 
     Everything is written into a staging folder next to `folder`, checked (every file present and readable, the code
     non-empty), then swapped in with one atomic exchange: a crash or a kill at any moment leaves `folder` holding the
     complete old checkpoint or the complete new one, never a mix, and the next save removes what a killed one left.
-    An existing `folder` is replaced as a whole.
+
+    `folder` must be a new path, an empty folder or a retriever checkpoint (`check_save_target`); an existing
+    checkpoint is replaced, keeping the entries that are not a checkpoint's data files (your own README, scripts,
+    Trainer output). A symlink is followed: the folder it points to is judged and replaced, the link stays.
 
     Raises:
-        ValueError: the model was sized for another identifier vocabulary than the tokenizer's, `folder` is a file,
-            or the saved checkpoint did not check out (then `folder` is untouched).
+        ValueError: the model was sized for another identifier vocabulary than the tokenizer's; `folder` is a file,
+            a folder of other files, the current directory (or holds it), the home folder or the root; or the saved
+            checkpoint did not check out. `folder` is then untouched.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot save a retriever to {folder}: it exists and is not a directory")
+    check_save_target(folder)
     _check_pair(model, tokenizer)
-    with replacing_folder(folder) as staging:
+    with replacing_folder(folder, keep=lambda name: not CHECKPOINT_DATA_FILES.match(name)) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if card is not None:
@@ -74,6 +98,47 @@ def push_retriever_to_hub(
         return api.upload_folder(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
         )
+
+
+def is_retriever_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a retriever checkpoint, or one half of it: a `config.json` whose `model_type` is
+    "gcmr", or a `tokenizer_config.json` whose `tokenizer_class` is "ImageIdTokenizer"."""
+    for name, (field, value) in CHECKPOINT_MARKS.items():
+        path = Path(folder) / name
+        try:
+            if path.is_file() and path.stat().st_size <= _MAX_MARK_BYTES:
+                content = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(content, dict) and content.get(field) == value:
+                    return True
+        except (OSError, ValueError):  # unreadable: not a mark
+            continue
+    return False
+
+
+def check_save_target(folder: str | os.PathLike) -> None:
+    """Raise a ValueError unless `save_retriever` may replace `folder`: a new path, an empty folder (leftovers of
+    interrupted saves aside) or a retriever checkpoint (`is_retriever_checkpoint`), judged through a symlink by its
+    target, and never the current directory, a folder holding it, the home folder or the root."""
+    given = Path(folder)
+    folder = Path(os.path.realpath(given))
+    shown = f"{given} (-> {folder})" if given.is_symlink() else str(given)
+    if not os.path.lexists(folder):
+        check_replaceable_location(folder, given)
+        return
+    if not folder.is_dir():
+        raise ValueError(f"cannot save a retriever to {shown}: it exists and is not a directory")
+    check_replaceable_location(folder, given)
+    entries = sorted(name for name in os.listdir(folder) if not is_save_leftover(name))
+    if not entries or is_retriever_checkpoint(folder):
+        return
+    listed = [f"{name}/" if (folder / name).is_dir() else name for name in entries[:_LISTED_ENTRIES]]
+    more = f" and {len(entries) - _LISTED_ENTRIES} more" if len(entries) > _LISTED_ENTRIES else ""
+    raise ValueError(
+        f"refusing to save a retriever to {shown}: it holds {', '.join(listed)}{more} and is not a retriever "
+        "checkpoint (no config.json with model_type 'gcmr', no tokenizer_config.json of an ImageIdTokenizer). "
+        "Saving replaces the whole folder, so it only replaces a checkpoint, an empty folder or a new path: choose "
+        f"one, e.g. {given / 'retriever'}"
+    )
 
 
 def _check_pair(model, tokenizer) -> None:

@@ -58,17 +58,26 @@ def _path_ref(
     ref = {"bytes": None, "path": str(path)}
     if confine_to is None:
         return ref, None
-    try:
-        resolved = path.resolve()
-    except (OSError, RuntimeError):  # Python < 3.13 raises RuntimeError on a symlink loop
+    resolved, inside = resolve_within(path, confine_to)
+    if resolved is None:
         return ref, f"column {column!r}: image path {text!r} is a symlink loop"
-    if not resolved.is_relative_to(confine_to):
+    if not inside:
         return ref, (
             f"column {column!r}: image path {text!r} is outside the corpus folder {str(confine_to)!r} (it resolves "
             f"to {str(resolved)!r}); pass allow_paths_outside_corpus=True (--allow_paths_outside_corpus) if you "
             "trust this corpus"
         )
     return ref, None
+
+
+def resolve_within(path: Path, folder: Path) -> tuple[Path | None, bool]:
+    """(`path` resolved, symlinks followed; whether that is inside `folder`, a resolved path). (None, False) for a
+    symlink loop. The one confinement of image paths: the corpus loader and the search page (examples/app.py)."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # Python < 3.13 raises RuntimeError on a symlink loop
+        return None, False
+    return resolved, resolved.is_relative_to(folder)
 
 
 def image_problem(ref: dict | None, verify: bool) -> str | None:
