@@ -174,14 +174,19 @@ def test_save_retriever_writes_one_loadable_folder(tiny_retriever, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging folder left behind
 
 
-def test_save_retriever_replaces_an_existing_folder_as_a_whole(tiny_retriever, tmp_path):
+def test_save_retriever_replaces_a_checkpoint_as_a_whole_and_refuses_other_folders(tiny_retriever, tmp_path):
     model, tokenizer = tiny_retriever
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "stale.txt").write_text("from an older save")
+    folder = save_retriever(model, tokenizer, tmp_path / "ckpt")
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"a shard of an older, sharded save")
     save_retriever(model, tokenizer, folder)
-    assert not (folder / "stale.txt").exists() and (folder / "model.safetensors").is_file()
+    assert not (folder / "model-00001-of-00002.safetensors").exists() and (folder / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "stale.txt").write_text("not a checkpoint")  # saving used to delete it with the folder
+    with pytest.raises(ValueError, match="it holds stale.txt and is not a retriever checkpoint"):
+        save_retriever(model, tokenizer, other)
+    assert [p.name for p in other.iterdir()] == ["stale.txt"]
 
 
 def test_a_crash_while_saving_leaves_the_previous_folder_intact(tiny_retriever, tmp_path):
