@@ -18,7 +18,8 @@ from huggingface_hub import ModelCard
 
 import modeling_gcmr.atomic_write_gcmr as atomic_write_gcmr
 from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-from modeling_gcmr.publishing.checkpoint import check_save_target, is_retriever_checkpoint, save_retriever
+from modeling_gcmr.publishing import checkpoint as publishing
+from modeling_gcmr.publishing.checkpoint import save_retriever
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 
 QUERIES = ["a small red circle left of a blue square", "a big green star above a grey ring"]
@@ -116,9 +117,9 @@ def test_the_home_folder_and_the_root_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     for folder, what in ((home, "your home folder"), (home.parent, "a folder holding your home folder")):
         with pytest.raises(ValueError, match=f"refusing to replace .*: it is {what}"):
-            check_save_target(folder)
+            publishing.check_save_target(folder)
     with pytest.raises(ValueError, match="refusing to replace /: it is"):  # the root also holds the current directory
-        check_save_target("/")
+        publishing.check_save_target("/")
 
 
 def test_a_file_is_refused(pair_a_b, tmp_path):
@@ -149,7 +150,7 @@ def test_an_empty_folder_or_one_holding_only_leftovers_of_killed_saves_is_saved_
 def test_a_tokenizer_only_folder_counts_as_a_checkpoint(pair_a_b, tmp_path):
     (model, tokenizer), _ = pair_a_b
     tokenizer.save_pretrained(tmp_path / "ckpt")
-    assert is_retriever_checkpoint(tmp_path / "ckpt")
+    assert publishing.is_retriever_checkpoint(tmp_path / "ckpt")
     assert _loads_as(save_retriever(model, tokenizer, tmp_path / "ckpt"), (model, tokenizer))
 
 

@@ -122,12 +122,11 @@ def check_save_target(folder: str | os.PathLike) -> None:
     given = Path(folder)
     folder = Path(os.path.realpath(given))
     shown = f"{given} (-> {folder})" if given.is_symlink() else str(given)
-    if not os.path.lexists(folder):
-        check_replaceable_location(folder, given)
-        return
-    if not folder.is_dir():
+    if os.path.lexists(folder) and not folder.is_dir():
         raise ValueError(f"cannot save a retriever to {shown}: it exists and is not a directory")
     check_replaceable_location(folder, given)
+    if not os.path.lexists(folder):
+        return
     entries = sorted(name for name in os.listdir(folder) if not is_save_leftover(name))
     if not entries or is_retriever_checkpoint(folder):
         return
