@@ -159,14 +159,8 @@ def live_keys(tokenizer) -> tuple[str, ...]:
     return tuple(getattr(tokenizer, "current_keys", tokenizer.keys))
 
 
-class TopKSlider(gr.Slider):
-    """The top-k slider, whose value reaches the search as it was sent: `retrieve()`'s own check judges it (Gradio's
-    would round 2.5 to 2, and fail on text with a generic error)."""
-
-    is_template = True  # drawn by Gradio's slider
-
-    def preprocess(self, payload):
-        return payload
+def _raw_value(payload):
+    return payload
 
 
 class Searcher:
@@ -326,8 +320,12 @@ def build_page(searcher: Searcher, title: str = "GCMR search") -> gr.Blocks:
             gr.Markdown(f"**{len(collection.outside)} image path(s) lead outside `{collection.folder}` and are not "
                         f"shown:** {listed}{more}. Copy those images into the folder (or start the page with "
                         "`--allow_paths_outside_images` if you trust them).", elem_id="outside-images")
-        top_k = TopKSlider(1, searcher.max_top_k, value=min(5, searcher.max_top_k), step=1, label="top-k",
+        top_k = gr.Slider(1, searcher.max_top_k, value=min(5, searcher.max_top_k), step=1, label="top-k",
                           elem_id="top-k")
+        # The value reaches the search as it was sent, so `retrieve()`'s own check judges it (Gradio's would round
+        # 2.5 to 2 and fail on text with a generic error). Set on the instance: a Slider subclass would make Gradio
+        # write an app.pyi stub next to this file each time the page starts.
+        top_k.preprocess = _raw_value
         with gr.Tab("Text to image"):
             with gr.Row():
                 query = gr.Textbox(label="Query", placeholder="a red circle above a blue square", scale=4,
