@@ -232,3 +232,6 @@ def _spool(batches: Iterator[Any], num_keys: int, directory: Path) -> np.memmap:
     if rows != num_keys:
         raise ValueError(f"embeddings batches hold {rows} rows for {num_keys} keys")
     return np.memmap(path, dtype=np.float32, mode="r", shape=(num_keys, width))
+
+
+__all__ = ["FeatureMatrix", "check_block", "code_means", "open_features"]
