@@ -99,7 +99,8 @@ def main() -> None:
         gaussian_mixture(args.num_images, args.dim, 1000, 32, seed=args.num_images, out=out)
         out.flush()
         del out
-        print(f"wrote {os.path.getsize(path) / 1e9:.2f} GB to {path} in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"wrote {os.path.getsize(path) / 1e9:.2f} GB to {path} in {seconds:.1f} s", flush=True)
         results = []
         for mode in ["memmap"] + (["in_memory"] if args.compare_in_memory else []):
             command = [sys.executable, os.path.abspath(__file__), "--child", mode, path, "--id-type", args.id_type,

@@ -91,6 +91,7 @@ def test_other_dtypes_read_block_by_block_match_their_in_memory_build(tmp_path):
     brain = torch.from_numpy(rng.normal(size=(300, 6)).astype(np.float32)).to(torch.bfloat16)
     save_torch_file({"embeddings": brain}, str(tmp_path / "bf16.safetensors"))
     assert_same_table(build(tmp_path / "bf16.safetensors"), build(brain.float().numpy()))
+    assert_same_table(build(brain), build(brain.float().numpy()))  # a bfloat16 tensor in memory too
     integers = rng.integers(-50, 50, size=(300, 6), dtype=np.int32)
     np.save(tmp_path / "int.npy", integers)
     assert_same_table(build(tmp_path / "int.npy", "structured"), build(integers, "structured"))
@@ -170,6 +171,10 @@ def test_bad_safetensors_files_are_named(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="junk.safetensors is not a safetensors file"):
         build_identifiers(keys, "structured", embeddings=tmp_path / "junk.safetensors")
+    for header in (b"[1, 2]", b'{"x": {"dtype": "F32"}}'):
+        (tmp_path / "odd.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(ValueError, match="odd.safetensors"):
+            build_identifiers(keys, "structured", embeddings=tmp_path / "odd.safetensors")
 
 
 @pytest.mark.parametrize(

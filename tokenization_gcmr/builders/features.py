@@ -120,12 +120,19 @@ def open_features(embeddings: Any, keys: tuple[str, ...]) -> Iterator[FeatureMat
             del array
         return
     else:
-        if hasattr(embeddings, "detach"):  # a torch tensor
-            embeddings = embeddings.detach().cpu().numpy()
+        embeddings = _tensor_to_numpy(embeddings)
         where = f" (file {embeddings.filename})" if isinstance(embeddings, np.memmap) and embeddings.filename else ""
         features = FeatureMatrix(_check_array(np.asarray(embeddings), num_keys, where), where)
     features.check_values()
     yield features
+
+
+def _tensor_to_numpy(value: Any) -> Any:
+    """A torch tensor (any device; bfloat16, which numpy lacks, as float32) as a numpy array; anything else as is."""
+    if not hasattr(value, "detach"):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
 
 
 def _check_array(array: np.ndarray, num_keys: int, where: str) -> np.ndarray:
@@ -170,17 +177,22 @@ def _map_safetensors(path: Path, keys: tuple[str, ...]) -> tuple[np.ndarray, boo
             header = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"embeddings file {path} is not a safetensors file: {error}") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"embeddings file {path} is not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     names = sorted(header)
     name = "embeddings" if "embeddings" in header else names[0] if len(names) == 1 else None
     if name is None:
         raise ValueError(f"embeddings file {path} holds tensors {names}; expected one, or one named 'embeddings'")
     info = header[name]
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    try:
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        shape = tuple(int(size) for size in info["shape"])
+        begin, end = (int(offset) for offset in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"embeddings file {path}: tensor {name!r} has a malformed header entry {info!r}") from error
     if dtype is None:
-        raise ValueError(f"embeddings file {path}: tensor {name!r} has dtype {info.get('dtype')}; expected numbers")
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
+        raise ValueError(f"embeddings file {path}: tensor {name!r} has dtype {info['dtype']}; expected numbers")
     if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + length + end > size:
         raise ValueError(f"embeddings file {path}: tensor {name!r} does not fit its shape {shape} (file truncated?)")
     stored_keys = metadata.get("image_keys")
@@ -206,9 +218,7 @@ def _spool(batches: Iterator[Any], num_keys: int, directory: Path) -> np.memmap:
     try:
         with open(path, "wb") as handle:
             for number, batch in enumerate(batches):
-                if hasattr(batch, "detach"):
-                    batch = batch.detach().cpu().numpy()
-                batch = np.asarray(batch)
+                batch = np.asarray(_tensor_to_numpy(batch))
                 where = f" (batch {number}, from row {rows})"
                 if batch.dtype.kind not in "fiu":
                     raise ValueError(f"embeddings{where} must be numbers, got dtype {batch.dtype}")
