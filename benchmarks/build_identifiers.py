@@ -46,8 +46,11 @@ TEXT_VOCAB = 32_100
 EOS_TOKEN_ID = 1
 
 
-def gaussian_mixture(num_items: int, dim: int, num_clusters: int, intrinsic_dim: int, seed: int) -> np.ndarray:
-    """Seeded clustered embeddings, built in float32 blocks so 1M x 512 stays near 2 GB.
+def gaussian_mixture(
+    num_items: int, dim: int, num_clusters: int, intrinsic_dim: int, seed: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Seeded clustered embeddings, built in float32 blocks so 1M x 512 stays near 2 GB (or written into
+    ``out``, for example a memory-mapped .npy file, holding one block at a time).
 
     Each component varies mostly inside a shared ``intrinsic_dim``-dimensional subspace (plus a little
     isotropic noise), as real image embeddings do; ``intrinsic_dim=0`` gives isotropic components,
@@ -58,7 +61,7 @@ def gaussian_mixture(num_items: int, dim: int, num_clusters: int, intrinsic_dim:
     spread = rng.uniform(0.2, 0.8, num_clusters).astype(np.float32)
     basis = rng.standard_normal((max(intrinsic_dim, 1), dim), dtype=np.float32) / np.sqrt(max(intrinsic_dim, 1))
     labels = rng.integers(0, num_clusters, num_items)
-    embeddings = np.empty((num_items, dim), dtype=np.float32)
+    embeddings = np.empty((num_items, dim), dtype=np.float32) if out is None else out
     for start in range(0, num_items, 100_000):
         block = labels[start : start + 100_000]
         isotropic = rng.standard_normal((len(block), dim), dtype=np.float32)

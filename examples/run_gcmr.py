@@ -40,7 +40,7 @@ from modeling_gcmr.publishing.checkpoint import push_retriever_to_hub, save_retr
 from modeling_gcmr.publishing.model_card import build_model_card
 from modeling_gcmr.training.arguments import DataArguments, GcmrTrainingArguments, IdentifierArguments, ModelArguments
 from modeling_gcmr.training.backbones import load_text_backbone
-from modeling_gcmr.training.callbacks import RetrievalEvalCallback, TrainingClockCallback
+from modeling_gcmr.training.callbacks import ProcessSeedCallback, RetrievalEvalCallback, TrainingClockCallback
 from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.data import split_captions
 from modeling_gcmr.training.examples import TrainingExamplesConfig, build_query_examples, build_training_examples
@@ -304,7 +304,7 @@ def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_arg
         train_dataset = build_training_examples(train_corpus, tokenizer, example_config, query_token_limit=limit)
         eval_dataset = build_query_examples(queries, gold, tokenizer, limit) if queries else None
     logger.info("%d training examples (%s), %d held-out queries", len(train_dataset), data_args.schedule, len(queries))
-    callbacks = [TrainingClockCallback(data_args.max_train_minutes)]
+    callbacks = [TrainingClockCallback(data_args.max_train_minutes), ProcessSeedCallback()]
     if queries and training_args.eval_strategy != "no":
         callbacks.append(RetrievalEvalCallback(queries, gold, tokenizer, num_beams=model_args.num_beams,
                                                batch_size=training_args.per_device_eval_batch_size))

@@ -210,22 +210,27 @@ class IdentifierHead(nn.Module):
         if distill_weight > 0 and teacher_scores is not None:
             taught = ~teacher_scores.isnan().any(dim=-1)
             if taught.any():
-                loss = loss + distill_weight * F.kl_div(
+                # Summed over the taught rows, divided by all rows: a mean of per-row terms, as the other losses.
+                divergence = F.kl_div(
                     logits[taught].float().log_softmax(-1), teacher_scores[taught].float().log_softmax(-1),
-                    log_target=True, reduction="batchmean",
+                    log_target=True, reduction="sum",
                 )
+                loss = loss + distill_weight * divergence / len(logits)
         return loss, logits
 
 
 def _prefix_loss(partial: torch.Tensor, paths: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """Mean over depths (before the last) of the cross-entropy of the gold prefix against the other prefixes.
+    """Per row, the mean over its depths (before its last edge) of the cross-entropy of its gold prefix against the
+    other prefixes; then the mean over the rows.
 
     Candidates that share a prefix share its partial sum, so each distinct edge of a depth is scored once. As in
     beam search, identifiers that end at a depth (their EOS edge) or before it do not compete for its beams; rows
-    whose own identifier ends there take no part in it.
+    whose own identifier ends there take no part in it. A mean of per-row terms (not of per-depth means, whose row
+    counts depend on the batch): a batch split over DDP processes or gradient-accumulation steps then gets the
+    gradient it gets whole, also where identifiers differ in length.
     """
-    losses = []
     gold_length = (paths[gold] >= 0).sum(dim=1)  # edges on the gold path, EOS included
+    per_row = partial.new_zeros(len(gold), dtype=torch.float32)
     for depth in range(paths.shape[1] - 1):
         rows = torch.nonzero(depth < gold_length - 1).squeeze(-1)
         if len(rows) == 0:
@@ -236,8 +241,8 @@ def _prefix_loss(partial: torch.Tensor, paths: torch.Tensor, gold: torch.Tensor)
         logits = partial[rows, depth][:, representative].float()
         ends_here = paths[representative, depth + 1] < 0
         logits = logits.masked_fill(((edges < 0) | ends_here)[None], float("-inf"))
-        losses.append(F.cross_entropy(logits, inverse[gold[rows]]))
-    return torch.stack(losses).mean() if losses else partial.new_zeros(())
+        per_row = per_row.index_add(0, rows, F.cross_entropy(logits, inverse[gold[rows]], reduction="none"))
+    return (per_row / (gold_length - 1).clamp(min=1)).mean()
 
 
 def _as_void_rows(rows: np.ndarray) -> np.ndarray:

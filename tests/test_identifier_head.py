@@ -52,3 +52,29 @@ def test_beam_search_scores_of_children_equal_the_full_head(text_tokenizer, capt
         nodes = engine.next_node[children[: 4]].clamp(min=0)
         rows, edges = engine.edges_of(nodes)
         torch.testing.assert_close(head.edge_scores(queries[rows], edges), full[rows, edges])
+
+
+@pytest.mark.parametrize("id_type", ["structured", "coarse_fine"])
+def test_the_loss_of_a_batch_is_the_mean_of_the_losses_of_its_halves(text_tokenizer, caption_corpus, id_type):
+    """What DDP (each process a share of the batch, gradients averaged) and gradient accumulation rely on: the loss,
+    prefix and distillation terms included, is a mean of per-row terms, also where identifiers differ in length and
+    where some rows have no teacher."""
+    head = make_model(make_tokenizer(text_tokenizer, caption_corpus, id_type)).identifier_head
+    lengths = (head.paths >= 0).sum(1)
+    by_length = torch.argsort(lengths, stable=True)
+    # one half mostly long identifiers, the other mostly short ones: the halves' depth counts differ
+    gold = torch.cat([by_length[-3:], by_length[:1], by_length[1:4], by_length[-4:-3]])
+    assert len(lengths[gold[:4]].unique()) > 1 and lengths[gold[:4]].sum() != lengths[gold[4:]].sum()
+    generator = torch.Generator().manual_seed(2)
+    queries = torch.randn(8, head.paths.shape[1], head.edge_vectors.shape[1], generator=generator)
+    teacher = torch.randn(8, len(head.paths), generator=generator)
+    teacher[[1, 5, 6]] = float("nan")  # rows without a teacher, unevenly spread over the halves
+
+    def loss_and_grad(rows: slice):
+        loss, _ = head.loss(queries[rows], gold[rows], 1.0, teacher[rows], 2.0)
+        return loss, torch.autograd.grad(loss, head.edge_vectors)[0]
+
+    whole, whole_grad = loss_and_grad(slice(0, 8))
+    (first, first_grad), (second, second_grad) = loss_and_grad(slice(0, 4)), loss_and_grad(slice(4, 8))
+    torch.testing.assert_close(whole, (first + second) / 2)
+    torch.testing.assert_close(whole_grad, (first_grad + second_grad) / 2)

@@ -20,10 +20,13 @@ TINY_MODEL = [
 ]
 
 
-def run_script(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the example script (optionally under a launcher such as torchrun) and fail with its output if it fails."""
+def run_script(args: list[str], cwd: Path, launcher: list[str] | None = None, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the example script (optionally under a launcher such as torchrun, with `env` added to the environment)
+    and fail with its output if it fails."""
     command = [*(launcher or [sys.executable]), str(SCRIPT), *args]
-    proc = subprocess.run(command, cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

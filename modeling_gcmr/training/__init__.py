@@ -7,6 +7,6 @@
     synthetic.py  the built-in synthetic corpus (coloured shapes and paraphrased captions) and write_imagefolder
     examples.py   memorize and retrieve rows (build_training_examples) for a plain transformers.Trainer
     collator.py   GcmrDataCollator: pads text and labels, batches image features or pixels
-    callbacks.py  RetrievalEvalCallback: Recall@K of constrained decoding inside Trainer evaluations
+    callbacks.py  RetrievalEvalCallback (Recall@K inside Trainer evaluations), the training clock, per-process seeds
     lora.py       apply_lora / merge_lora with peft
 """

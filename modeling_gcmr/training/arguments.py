@@ -160,6 +160,12 @@ class GcmrTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=25, metadata={"help": "Log the loss every this many steps."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers to report to."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the collator reads task columns."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: re-send the model's buffers from process 0 before every forward. Off: they never change "
+                          "in training (identifier paths, stored image features: 2 GB at 1M 512-d images), and DDP "
+                          "copies them to every process once when it starts."},
+    )
 
 
 __all__ = ["DataArguments", "GcmrTrainingArguments", "IdentifierArguments", "ModelArguments"]

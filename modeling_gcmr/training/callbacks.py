@@ -1,11 +1,12 @@
-"""Callbacks for `transformers.Trainer`: Recall@K of trie-constrained decoding at every evaluation, and a clock
-that logs training minutes (and stops at a time budget), so that recall can be plotted against training time."""
+"""Callbacks for `transformers.Trainer`: Recall@K of trie-constrained decoding at every evaluation, a clock that
+logs training minutes (and stops at a time budget), so that recall can be plotted against training time, and a
+per-process seed for distributed training."""
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -117,3 +118,21 @@ class TrainingClockCallback(TrainerCallback):
 
 
 __all__ = ["RetrievalEvalCallback", "TrainingClockCallback"]
+
+
+class ProcessSeedCallback(TrainerCallback):
+    """Gives each distributed process its own training randomness: dropout, sampled softmax candidates, interpolation.
+
+    The Trainer seeds every process alike (`set_seed(args.seed)`), so each process would draw the very same dropout
+    masks for its rows as the others for theirs. At the start of training each process is reseeded with
+    `seed + process_index` (a single process keeps `seed`). The data order is untouched: the train sampler was
+    built before training begins and keeps its own seed, shared by all processes; a resumed run restores each
+    process's saved random state after this.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            set_seed(args.seed + args.process_index)
+            # one line per process, as the example script's own "process rank" line
+            logger.warning("process %d of %d: training randomness seeded with %d", args.process_index,
+                           args.world_size, args.seed + args.process_index)

@@ -8,6 +8,7 @@ same table, bit for bit (on the same machine and library versions).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ..identifier_table import IdentifierTable
+from .features import FeatureMatrix, code_means, open_features
 from .quantizers import (
     ASSIGN_BATCH,
     assign,
@@ -26,8 +28,6 @@ from .quantizers import (
 )
 
 PROGRESS_MIN_ITEMS = 50_000
-# Squared distances of larger values overflow float32 inside k-means.
-MAX_ABS_EMBEDDING = 1e15
 _TYPES = {"int": int, "bool": bool, "float": (int, float), "str": str}
 
 
@@ -154,10 +154,6 @@ def _pack_levels(
     return codes, units, np.concatenate(vectors).astype(np.float32)
 
 
-def _mean_embeddings(embeddings: np.ndarray, column: np.ndarray, used: np.ndarray) -> np.ndarray:
-    return np.stack([embeddings[column == code].mean(axis=0, dtype=np.float64) for code in used]).astype(np.float32)
-
-
 def _append_uniqueness(codes: np.ndarray, units: list[str]) -> tuple[np.ndarray, list[str], int]:
     """Suffix `<u_j>` to every row that equals another row (j = its rank among them) or is empty.
 
@@ -237,7 +233,9 @@ def _build_atomic(opts: AtomicOptions, seed: int, keys, embeddings, captions):
     return np.arange(len(keys))[:, None], [f"<a_{i}>" for i in range(len(keys))], np.zeros(len(keys), dtype=bool), None
 
 
-def _split_node(x: np.ndarray, opts: StructuredOptions, seed: int, rng: np.random.Generator) -> np.ndarray:
+def _split_node(
+    x: FeatureMatrix | np.ndarray, opts: StructuredOptions, seed: int, rng: np.random.Generator
+) -> np.ndarray:
     """Child index (0..m-1, m >= 2) of every row of a node: k-means, or by order where k-means cannot split."""
     k = min(opts.branching, len(x))
     centroids = kmeans_centroids(x[sample_rows(len(x), opts.train_sample, rng)], k, seed, opts.kmeans_iterations)
@@ -249,7 +247,7 @@ def _split_node(x: np.ndarray, opts: StructuredOptions, seed: int, rng: np.rando
     return np.arange(len(x)) * k // len(x)
 
 
-def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings, captions):
+def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings: FeatureMatrix, captions):
     num_items = len(embeddings)
     rng = np.random.default_rng(seed)
     local = np.full((num_items, 4), -1, dtype=np.int64)
@@ -263,43 +261,47 @@ def _build_structured(opts: StructuredOptions, seed: int, keys, embeddings, capt
                 local[rows, depth] = np.arange(len(rows))
                 bar.update(len(rows))
                 continue
-            # The root's rows are all rows in order: no 2 GB copy at a million images.
-            node = embeddings if len(rows) == num_items else embeddings[rows]
+            # The root is all rows; a node too large to gather at once is a lazy view read in blocks (a
+            # million-row memory-mapped input is never loaded whole); smaller nodes are gathered (cheaper).
+            if len(rows) == num_items:
+                node = embeddings
+            else:
+                node = embeddings.subset(rows) if len(rows) > ASSIGN_BATCH else embeddings[rows]
             labels = _split_node(node, opts, seed, rng)
             local[rows, depth] = labels
             order = np.argsort(labels, kind="stable")
             children = np.split(rows[order], np.flatnonzero(np.diff(labels[order])) + 1)
             stack.extend((child, depth + 1) for child in reversed(children))
     local = local[:, : int((local >= 0).sum(axis=1).max())]
-    codes, units, vectors = _pack_levels(
-        local,
-        lambda level, code: f"<s{level}_{code}>",
-        lambda level, used: _mean_embeddings(embeddings, local[:, level], used),
-    )
+    means = code_means(embeddings, local)
+    codes, units, vectors = _pack_levels(local, lambda level, code: f"<s{level}_{code}>", lambda level, _: means[level])
     return codes, units, np.zeros(len(units), dtype=bool), vectors
 
 
-def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, captions):
+def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings: FeatureMatrix, captions):
+    # The quantizers train on a bounded seeded sample; every pass over all rows reads one block at a time.
     rng = np.random.default_rng(seed)
     train_rows = sample_rows(len(embeddings), opts.train_sample, rng)
-    stages = 1 + (opts.num_levels if opts.fine_quantizer == "residual_kmeans" else 1)
-    with _progress(len(embeddings), "coarse_fine identifiers", stages, unit="level") as bar:
-        num_coarse = min(opts.num_coarse, len(train_rows))
-        centroids = kmeans_centroids(embeddings[train_rows], num_coarse, seed, opts.kmeans_iterations)
+    fine_steps = opts.num_levels if opts.fine_quantizer == "residual_kmeans" else 1
+    with _progress(len(embeddings), "coarse_fine identifiers", 2 + fine_steps, unit="step") as bar:
+        train = embeddings[train_rows]
+        centroids = kmeans_centroids(train, min(opts.num_coarse, len(train_rows)), seed, opts.kmeans_iterations)
         coarse = assign(embeddings, centroids)
-        residuals = np.empty_like(embeddings)
-        for start in range(0, len(embeddings), ASSIGN_BATCH):  # blockwise: no second full-size temporary
-            block = slice(start, start + ASSIGN_BATCH)
-            residuals[block] = embeddings[block] - centroids[coarse[block]]
+        train = train - centroids[coarse[train_rows]]
         bar.update()
+        residual_blocks = (
+            (start, block - centroids[coarse[start : start + len(block)]]) for start, block in embeddings.blocks()
+        )
         if opts.fine_quantizer == "residual_kmeans":
             fine, codebooks = residual_kmeans(
-                residuals, opts.num_levels, opts.codebook_size, seed, opts.kmeans_iterations, train_rows, bar.update
+                train, residual_blocks, len(embeddings), opts.num_levels, opts.codebook_size, seed,
+                opts.kmeans_iterations, bar.update,
             )
         else:
             fine = train_rqvae(
-                residuals,
-                train_rows,
+                train,
+                residual_blocks,
+                len(embeddings),
                 num_levels=opts.num_levels,
                 codebook_size=opts.codebook_size,
                 hidden_dim=opts.rqvae_hidden_dim,
@@ -311,9 +313,9 @@ def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, cap
                 num_threads=opts.rqvae_num_threads,
                 seed=seed,
                 iterations=opts.kmeans_iterations,
+                on_step=bar.update,
             )
-            bar.update()
-        del residuals
+            fine_means = code_means(embeddings, fine)
     local = np.concatenate([coarse[:, None], fine], axis=1)
 
     def level_vectors(level: int, used: np.ndarray) -> np.ndarray:
@@ -321,7 +323,7 @@ def _build_coarse_fine(opts: CoarseFineOptions, seed: int, keys, embeddings, cap
             return centroids[used]
         if opts.fine_quantizer == "residual_kmeans":
             return codebooks[level - 1][used]
-        return _mean_embeddings(embeddings, local[:, level], used)
+        return fine_means[level - 1]
 
     codes, units, vectors = _pack_levels(
         local, lambda level, code: f"<c_{code}>" if level == 0 else f"<f{level}_{code}>", level_vectors
@@ -364,27 +366,6 @@ def _check_keys(keys: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
-def _check_embeddings(embeddings: Any, num_keys: int) -> np.ndarray:
-    if hasattr(embeddings, "detach"):  # a torch tensor
-        embeddings = embeddings.detach().cpu().numpy()
-    array = np.asarray(embeddings)
-    if array.dtype.kind not in "fiu":
-        raise ValueError(f"embeddings must be numbers, got dtype {array.dtype}")
-    if array.ndim != 2 or array.shape[1] < 1:
-        raise ValueError(f"embeddings must have shape (num_keys, dim) = ({num_keys}, D), got {array.shape}")
-    if array.shape[0] != num_keys:
-        raise ValueError(f"embeddings has {array.shape[0]} rows for {num_keys} keys")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    bad = ~np.isfinite(array).all(axis=1)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"embeddings row {row} holds NaN or inf ({int(bad.sum())} such rows)")
-    if array.size and max(-float(array.min()), float(array.max())) > MAX_ABS_EMBEDDING:
-        row = int(np.flatnonzero((np.abs(array) > MAX_ABS_EMBEDDING).any(axis=1))[0])
-        raise ValueError(f"embeddings row {row} holds a value beyond +-{MAX_ABS_EMBEDDING:g}; normalize the embeddings")
-    return array
-
-
 def _first_captions(captions: Sequence[str | Sequence[str]], keys: tuple[str, ...]) -> list[str]:
     if isinstance(captions, str) or len(captions) != len(keys):
         count = "a single string" if isinstance(captions, str) else f"{len(captions)} entries"
@@ -418,7 +399,11 @@ def build_identifiers(
     Args:
         keys: the image keys, unique non-empty strings; row ``i`` of the table names ``keys[i]``.
         id_type: one of ``numeric``, ``string``, ``semantic``, ``structured``, ``atomic``, ``coarse_fine``.
-        embeddings: float array-like (N, D), finite; required by ``structured`` and ``coarse_fine``.
+        embeddings: the image features, (N, D) numbers, finite; required by ``structured`` and ``coarse_fine``.
+            An array-like or CPU tensor; a memory-mapped array (``np.load(path, mmap_mode="r")``,
+            ``np.memmap``); the path of a ``.npy`` or ``.safetensors`` file (memory-mapped); or an iterator of
+            (b, D) batches (written once to a temporary file). Files and iterators are read in blocks of
+            65,536 rows: the build holds a bounded sample and one block, never the whole matrix.
         captions: per key a caption or a list of captions (the first is used); required by ``semantic``.
         seed: seeds every random choice (shuffles, k-means, RQ-VAE); 0 <= seed < 2**31.
         **options: the fields of the id_type's options class (:data:`OPTIONS_CLASSES`).
@@ -437,9 +422,7 @@ def build_identifiers(
         raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
     seed = int(seed)
     keys = _check_keys(keys)
-    if embeddings is not None:
-        embeddings = _check_embeddings(embeddings, len(keys))
-    elif id_type in ("structured", "coarse_fine"):
+    if embeddings is None and id_type in ("structured", "coarse_fine"):
         raise ValueError(f"id_type {id_type!r} needs embeddings: a float array of shape ({len(keys)}, D)")
     if captions is not None:
         captions = _first_captions(captions, keys)
@@ -447,7 +430,10 @@ def build_identifiers(
         raise ValueError("id_type 'semantic' needs captions: one caption (or list of captions) per key")
     if "text_tokenizer" in valid and opts.text_tokenizer is None:
         raise ValueError(f"id_type {id_type!r} needs the option text_tokenizer= (a transformers or tokenizers tokenizer)")
-    codes, units, unit_is_text, unit_vectors = builder(opts, seed, keys, embeddings, captions)
+    with contextlib.ExitStack() as stack:
+        if embeddings is not None:  # checked here for every id_type, before anything is built
+            embeddings = stack.enter_context(open_features(embeddings, keys))
+        codes, units, unit_is_text, unit_vectors = builder(opts, seed, keys, embeddings, captions)
     return IdentifierTable(
         keys=keys,
         codes=codes,

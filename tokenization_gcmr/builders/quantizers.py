@@ -8,7 +8,7 @@ count) whose codebooks start from faiss k-means on the latents.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -73,31 +73,36 @@ def assign(x: np.ndarray, centroids: np.ndarray, batch_size: int = ASSIGN_BATCH)
 
 
 def residual_kmeans(
-    residuals: np.ndarray,
+    train: np.ndarray,
+    residual_blocks: Iterable[tuple[int, np.ndarray]],
+    num_rows: int,
     num_levels: int,
     codebook_size: int,
     seed: int,
     iterations: int,
-    train_rows: np.ndarray,
-    on_level: Callable[[], object] = lambda: None,
+    on_step: Callable[[], object] = lambda: None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Greedy residual k-means: each level quantizes what the previous levels left over.
 
-    Works in place on ``residuals`` (the caller's copy) to keep a million rows in memory once.
-    Returns int64 codes (N, num_levels) and one codebook (k, D) per level; calls ``on_level`` after each.
+    The codebooks train on ``train`` (the training rows' residuals, updated in place level after level);
+    then one pass over ``residual_blocks`` ((first row, float32 residual block) that may be overwritten)
+    encodes all ``num_rows`` rows, one block in memory at a time. Returns int64 codes (N, num_levels) and
+    one codebook (k, D) per level; calls ``on_step`` after each level and after the pass.
     """
-    codes = np.empty((len(residuals), num_levels), dtype=np.int64)
     codebooks = []
-    k = min(codebook_size, len(train_rows))
+    k = min(codebook_size, len(train))
     for level in range(num_levels):
-        codebook = kmeans_centroids(residuals[train_rows], k, seed + level + 1, iterations)
-        for start in range(0, len(residuals), ASSIGN_BATCH):
-            block = residuals[start : start + ASSIGN_BATCH]
-            labels = assign(block, codebook)
-            codes[start : start + ASSIGN_BATCH, level] = labels
-            block -= codebook[labels]
+        codebook = kmeans_centroids(train, k, seed + level + 1, iterations)
+        train -= codebook[assign(train, codebook)]
         codebooks.append(codebook)
-        on_level()
+        on_step()
+    codes = np.empty((num_rows, num_levels), dtype=np.int64)
+    for start, block in residual_blocks:
+        for level, codebook in enumerate(codebooks):
+            labels = assign(block, codebook)
+            codes[start : start + len(block), level] = labels
+            block -= codebook[labels]
+    on_step()
     return codes, codebooks
 
 
@@ -161,14 +166,14 @@ class ResidualQuantizerVAE(nn.Module):
             residual = residual - centroids[assign(residual, centroids)]
 
     @torch.no_grad()
-    def encode(self, x: np.ndarray, batch_size: int = ASSIGN_BATCH) -> np.ndarray:
-        codes = [self.quantize(self.encoder(torch.from_numpy(x[s : s + batch_size])))[0] for s in range(0, len(x), batch_size)]
-        return torch.cat(codes).numpy().astype(np.int64)
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return self.quantize(self.encoder(torch.from_numpy(x)))[0].numpy().astype(np.int64)
 
 
 def train_rqvae(
-    residuals: np.ndarray,
-    train_rows: np.ndarray,
+    train: np.ndarray,
+    residual_blocks: Iterable[tuple[int, np.ndarray]],
+    num_rows: int,
     *,
     num_levels: int,
     codebook_size: int,
@@ -181,14 +186,17 @@ def train_rqvae(
     num_threads: int,
     seed: int,
     iterations: int,
+    on_step: Callable[[], object] = lambda: None,
 ) -> np.ndarray:
-    """Train an RQ-VAE on ``residuals[train_rows]`` and return int64 codes (N, num_levels) for all rows."""
+    """Train an RQ-VAE on ``train`` (the training rows' residuals), then encode ``residual_blocks``
+    ((first row, float32 block) over all ``num_rows`` rows) into int64 codes (N, num_levels), a block at a time.
+    Calls ``on_step`` after training and after encoding."""
     with deterministic_torch(num_threads):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        train = torch.from_numpy(np.ascontiguousarray(residuals[train_rows], dtype=np.float32))
+        train = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32))
         k = min(codebook_size, len(train))
-        model = ResidualQuantizerVAE(residuals.shape[1], hidden_dim, latent_dim, num_levels, k)
+        model = ResidualQuantizerVAE(train.shape[1], hidden_dim, latent_dim, num_levels, k)
         model.init_codebooks(train, seed, iterations)
         optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
         weights = torch.tensor([1.0, 1.0, commitment_weight])
@@ -200,4 +208,9 @@ def train_rqvae(
                 (losses * weights).sum().backward()
                 optimizer.step()
         model.eval()
-        return model.encode(np.ascontiguousarray(residuals, dtype=np.float32))
+        on_step()
+        codes = np.empty((num_rows, num_levels), dtype=np.int64)
+        for start, block in residual_blocks:
+            codes[start : start + len(block)] = model.encode(block)
+        on_step()
+        return codes
