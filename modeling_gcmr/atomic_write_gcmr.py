@@ -1,8 +1,8 @@
 """Checkpoint files of the modeling side: atomic writes, staged saves, an atomic folder swap, and clear load errors.
 
 A Hub file (`modeling_gcmr.py` imports it, so it travels in every checkpoint): it imports only the standard library,
-safetensors and its sibling `config_sizes_gcmr`. The tokenization side keeps its own, smaller copy of the write helpers in
-`tokenization_gcmr/identifier_table.py`, because the two packages of a checkpoint never share a file.
+safetensors and its sibling `config_sizes_gcmr`. The tokenization side keeps its own, smaller copy of the write
+helpers in `tokenization_gcmr/identifier_table.py`, because the two packages of a checkpoint never share a file.
 
 - `atomic_write` / `atomic_save_to`: one file under a temporary name, renamed into place (results, plots, corpora,
   embeddings): a reader never sees half a file.
