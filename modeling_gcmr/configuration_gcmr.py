@@ -90,7 +90,7 @@ class GcmrConfig(PreTrainedConfig):
         hard_negatives (`int`, *optional*, defaults to 4):
             In training, the identifiers that score best against each query (the gold one aside) are scored again
             with their own decoder states and the gold identifier must beat them: the guard against a decoder that
-            boosts paths it was never trained on. 0 turns it off.
+            boosts paths it was never trained on. 0 turns it off; off by itself for a collection of one identifier.
         interpolation_prob (`float`, *optional*, defaults to 0.0):
             Share of text queries replaced in training by GENIUS's query/target interpolation
             `sqrt(s) q + sqrt(1 - s) p`, `s ~ Beta(2, 2)`, with `p` the target identifier's vector.
