@@ -428,6 +428,17 @@ def test_config_sizes_the_weights_do_not_hold_are_refused_before_anything_is_bui
     assert "vocab" not in str(error.value)
 
 
+def test_sharded_weights_are_checked_shard_by_shard(pair_a_b, tmp_path):
+    (model, _), _ = pair_a_b
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    GcmrForRetrieval.from_pretrained(tmp_path)  # a sharded checkpoint of matching sizes loads
+    _edit_config(tmp_path, {"num_identifiers": 9})
+    with pytest.raises(ValueError, match=r"num_identifiers = 9, which builds identifier_head\.paths as \(9, 2\); "
+                                         r"model-\d{5}-of-\d{5}\.safetensors holds \(8, 2\)"):
+        GcmrForRetrieval.from_pretrained(tmp_path)
+
+
 def test_ignore_mismatched_sizes_still_loads_a_checkpoint_of_another_vocabulary(checkpoint):
     config_size, _ = _grow_config_vocabulary(checkpoint)
     model = GcmrForRetrieval.from_pretrained(checkpoint, ignore_mismatched_sizes=True)
