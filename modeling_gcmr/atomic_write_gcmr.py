@@ -1,8 +1,8 @@
 """Checkpoint files of the modeling side: atomic writes, staged saves, an atomic folder swap, and clear load errors.
 
 A Hub file (`modeling_gcmr.py` imports it, so it travels in every checkpoint): it imports only the standard library,
-torch, safetensors and transformers. The tokenization side keeps its own, smaller copy of the write helpers in
-`tokenization_gcmr/identifier_table.py`, because the two packages of a checkpoint never share a file.
+safetensors and its sibling `config_sizes_gcmr`. The tokenization side keeps its own, smaller copy of the write
+helpers in `tokenization_gcmr/identifier_table.py`, because the two packages of a checkpoint never share a file.
 
 - `atomic_write` / `atomic_save_to`: one file under a temporary name, renamed into place (results, plots, corpora,
   embeddings): a reader never sees half a file.
@@ -32,9 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
-from transformers import PreTrainedConfig
+
+from .config_sizes_gcmr import check_against_weights
 
 MIXED_SAVES_HINT = (
     "If both were loaded from one folder, it holds a model and a tokenizer from different saves (a save interrupted "
@@ -391,6 +391,9 @@ def load_checked(
             "weights into the wrong shapes. The checkpoint was not saved completely: save it again, with "
             "save_retriever(model, tokenizer, folder) for model and tokenizer together"
         )
+    if folder is not None and not kwargs.get("ignore_mismatched_sizes"):
+        # Before anything is built: the config's sizes against the weights file's shapes (config_sizes_gcmr.py).
+        check_against_weights(model_class, folder, kwargs.get("config"))
     try:
         return load(path, *args, **kwargs)
     except SafetensorError as error:
@@ -398,11 +401,6 @@ def load_checked(
             f"cannot read the weights of {path}: {_damaged_safetensors(folder) or 'a .safetensors file'} is "
             f"truncated or corrupt ({error}); save or download the checkpoint again"
         ) from error
-    except RuntimeError as error:  # transformers' "ignore_mismatched_sizes" error: say which sizes, and why
-        mismatch = _shape_mismatch(model_class, folder, kwargs.get("config")) if folder else None
-        if mismatch is None:
-            raise
-        raise ValueError(mismatch) from error
 
 
 def _damaged_safetensors(folder: str | None) -> str:
@@ -418,36 +416,6 @@ def _damaged_safetensors(folder: str | None) -> str:
             except SafetensorError:
                 damaged.append(os.path.join(folder, name))
     return ", ".join(damaged)
-
-
-def _shape_mismatch(model_class: type, folder: str, config: PreTrainedConfig | None) -> str | None:
-    """The first tensor whose shape in the weights differs from what config.json builds, as a message; else None."""
-    try:
-        if not isinstance(config, PreTrainedConfig):
-            config = model_class.config_class.from_pretrained(folder)
-        with torch.device("meta"):
-            expected = {name: tuple(tensor.shape) for name, tensor in model_class(config).state_dict().items()}
-    except Exception:  # the diagnosis must never hide the original error
-        return None
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".safetensors"):
-            continue
-        with safe_open(os.path.join(folder, name), framework="pt") as handle:
-            for tensor in handle.keys():
-                saved = tuple(handle.get_slice(tensor).get_shape())
-                if tensor not in expected or expected[tensor] == saved:
-                    continue
-                if expected[tensor][1:] == saved[1:]:
-                    problem = (f"vocab_size mismatch: config.json in {folder} gives a vocabulary of "
-                               f"{expected[tensor][0]} tokens, {name} holds {saved[0]} rows in {tensor}")
-                else:
-                    problem = (f"shape mismatch: config.json in {folder} builds {tensor} as {expected[tensor]}, "
-                               f"{name} holds {saved}")
-                return (f"{problem}: config.json and the weights come from different saves (a save interrupted while "
-                        "its files were moved in?). Save the model again, with save_retriever(model, tokenizer, "
-                        "folder) for model and tokenizer together; or pass ignore_mismatched_sizes=True to load it "
-                        "with those tensors newly initialised.")
-    return None
 
 
 __all__ = [

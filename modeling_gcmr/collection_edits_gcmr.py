@@ -46,7 +46,7 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     _check_pair(model, tokenizer)
-    keys = _key_list(keys)
+    keys = _key_list(keys, "add_images")
     identifier_head = model.config.identifier_head == "identifier"
     features = _features(model, len(keys), image_embeds, pixel_values, required=identifier_head)
     head = model.identifier_head if identifier_head else None
@@ -85,7 +85,7 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
 def remove_images(model: Any, keys: Sequence[str], tokenizer: Any) -> None:
     """See `GcmrForRetrieval.remove_images`."""
     _check_pair(model, tokenizer)
-    edit = tokenizer.prepare_remove(_key_list(keys))
+    edit = tokenizer.prepare_remove(_key_list(keys, "remove_images"))
     tokenizer.apply_edit(edit)
     model.config.identifier_signature = edit.signature
 
@@ -109,10 +109,13 @@ def _check_pair(model: Any, tokenizer: Any) -> None:
     model.check_tokenizer(tokenizer)
 
 
-def _key_list(keys: Any) -> list:
+def _key_list(keys: Any, call: str) -> list:
     if isinstance(keys, (str, bytes)) or not hasattr(keys, "__iter__"):
         raise ValueError(f"keys must be a list of image keys (strings), got {type(keys).__name__}: {keys!r}")
-    return list(keys)
+    keys = list(keys)
+    if not keys:
+        raise ValueError(f"{call}: keys is empty, so no images were given; pass at least one image key")
+    return keys
 
 
 @torch.no_grad()
@@ -163,9 +166,9 @@ def _trained_map(model: Any, live: np.ndarray) -> torch.Tensor:
     width = head.edge_vectors.shape[1]
     identity = torch.eye(width)
     features = model.stored_image_features
-    if features is None or features.shape[1] != width:
-        return identity
-    rows = torch.as_tensor(np.flatnonzero(live[: features.shape[0]]))
+    rows = torch.as_tensor(np.flatnonzero(live[: len(features)])) if features is not None else None
+    if rows is None or not len(rows) or features.shape[1] != width:
+        return identity  # nothing to fit on (every image removed: the collection starts again as init="dense")
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:MAP_SAMPLE]]
     paths = head.paths[rows].long().cpu()
     vectors = head.edge_vectors.detach().float().cpu()

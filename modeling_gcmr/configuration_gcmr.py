@@ -1,16 +1,23 @@
 """GcmrConfig: the composite configuration of a generative cross-modal retriever."""
 from __future__ import annotations
 
-from typing import Literal
+import os
+import re
+from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .config_sizes_gcmr import check_config_values, check_folder_values
+
 FORMAT_VERSION = 2
 # Queries of an encoder without a position limit (T5's relative positions) are cut here: T5 was pretrained on
 # 512-token inputs, and a longer query only costs memory (a 21k-token query took 21 GB on CPU).
 DEFAULT_QUERY_TOKENS = 512
+# An auto_map value as transformers unpacks it: "<module file>.<class>", optionally "<repo id>--" before it.
+_CLASS_REFERENCE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*$")
+_REPO_ID = re.compile(r"^[\w.-]+(?:/[\w.-]+)?$")
 
 
 @strict
@@ -83,7 +90,7 @@ class GcmrConfig(PreTrainedConfig):
         hard_negatives (`int`, *optional*, defaults to 4):
             In training, the identifiers that score best against each query (the gold one aside) are scored again
             with their own decoder states and the gold identifier must beat them: the guard against a decoder that
-            boosts paths it was never trained on. 0 turns it off.
+            boosts paths it was never trained on. 0 turns it off; off by itself for a collection of one identifier.
         interpolation_prob (`float`, *optional*, defaults to 0.0):
             Share of text queries replaced in training by GENIUS's query/target interpolation
             `sqrt(s) q + sqrt(1 - s) p`, `s ~ Beta(2, 2)`, with `p` the target identifier's vector.
@@ -101,6 +108,12 @@ class GcmrConfig(PreTrainedConfig):
             End-of-identifier id; taken from the text config (or its decoder) when not given.
         decoder_start_token_id (`int`, *optional*):
             First decoder input id; taken from the text config when not given, else the pad id (as in T5).
+
+    Sizes that build the model (layers, widths, heads, vocabularies, identifiers, edges; here and in the
+    sub-configs) must be ints within `config_sizes_gcmr.SIZE_CAPS`: 1024 layers; 4096 heads, visual tokens or
+    identifier tokens; 2**20 for widths, vocabularies and positions; 2**31 - 1 identifiers or trie edges. Loaded
+    from a checkpoint folder, they must also build exactly the shapes its weights file holds (checked on the
+    safetensors headers before anything is allocated). An `auto_map` value must be `"<module file>.<class>"`.
     """
 
     model_type = "gcmr"
@@ -158,6 +171,15 @@ class GcmrConfig(PreTrainedConfig):
                 self.pad_token_id,
             )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """`PreTrainedConfig.from_pretrained`; from a checkpoint folder, config.json's sizes are first checked against
+        the shapes its weights file holds (`config_sizes_gcmr`), before any config or model is built."""
+        folder = pretrained_model_name_or_path
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            check_folder_values(os.path.join(folder, kwargs["subfolder"]) if kwargs.get("subfolder") else folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         """The backbone's config; for an `EncoderDecoderConfig`, its decoder (or encoder) config.
 
@@ -196,6 +218,10 @@ class GcmrConfig(PreTrainedConfig):
 
     def validate_gcmr(self):
         """Part of `@strict` validation: choices and ranges the type hints do not enforce."""
+        check_config_values(self.to_dict(), "the config")
+        problem = auto_map_problem(getattr(self, "auto_map", None), "config.json")
+        if problem:
+            raise ValueError(problem)
         if self.projector not in ("linear", "mlp"):
             raise ValueError(f"`projector` must be 'linear' or 'mlp', got {self.projector!r}")
         if self.fusion not in ("none", "coarse_to_fine"):
@@ -233,6 +259,25 @@ class GcmrConfig(PreTrainedConfig):
             )
 
 
+def auto_map_problem(auto_map: Any, file_name: str) -> str | None:
+    """Why transformers could not resolve an `auto_map` (the entry and what it must look like), else None."""
+    if auto_map is None:
+        return None
+    if not isinstance(auto_map, dict):
+        return f"the auto_map of {file_name} must be a mapping of auto classes to class references, got {auto_map!r}"
+    for auto_class, values in auto_map.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            parts = value.split("--") if isinstance(value, str) else []
+            resolvable = len(parts) in (1, 2) and _CLASS_REFERENCE.match(parts[-1]) and (
+                len(parts) == 1 or _REPO_ID.match(parts[0]))
+            if value is not None and not resolvable:
+                return (f"the auto_map entry {auto_class} = {value!r} of {file_name} cannot be resolved: it must be "
+                        "'<module file>.<class>' (e.g. 'modeling_gcmr.GcmrForRetrieval'), the module a .py file "
+                        f"next to {file_name} named without its folder or .py (transformers reads only that form, "
+                        "optionally with '<repo id>--' before it)")
+    return None
+
+
 def _first_int(*values) -> int | None:
     """The first value that is an int (or a list of ints: its first), cast to a plain int; None if there is none."""
     for value in values:
@@ -243,4 +288,4 @@ def _first_int(*values) -> int | None:
     return None
 
 
-__all__ = ["DEFAULT_QUERY_TOKENS", "FORMAT_VERSION", "GcmrConfig"]
+__all__ = ["DEFAULT_QUERY_TOKENS", "FORMAT_VERSION", "GcmrConfig", "auto_map_problem"]

@@ -29,7 +29,8 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
         return None, head.scale * encoded.query_vectors @ summed.T, None, None
     gold = head.identifier_index(labels.to(head.paths.device), model.config.eos_token_id)
     paths = head.paths.long()[gold]
-    negatives_on = model.config.hard_negatives > 0 and model.training
+    # A collection of one identifier has no negative to score (and a 0-row decoder pass cannot run): off there.
+    negatives_on = model.config.hard_negatives > 0 and model.training and head.num_identifiers > 1
     # With hard negatives, keep the cross-attention keys and values of the memory: the negatives reuse them.
     states, cache = model.decoder_states(head.decoder_inputs(paths), encoded, use_cache=negatives_on)
     base = interpolated_queries(model, encoded, paths)

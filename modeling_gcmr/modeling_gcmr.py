@@ -145,6 +145,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
     accepts_loss_kwargs = False
 
     def __init__(self, config: GcmrConfig):
+        config.validate()  # sizes changed after the config was made are capped too, before anything is allocated
         super().__init__(config)
         self.backbone = AutoModelForSeq2SeqLM.from_config(config.text_config)
         config.text_config = self.backbone.config
@@ -336,7 +337,6 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         return self.image_features if self.config.stores_image_features else None
 
     # ---------------------------------------------------------------------------------------------------- encoding
-
     def get_image_features(self, pixel_values: torch.FloatTensor | None = None,
                            image_embeds: torch.FloatTensor | None = None,
                            image_mask: torch.BoolTensor | None = None) -> tuple[torch.Tensor, torch.BoolTensor, torch.Tensor | None]:

@@ -94,7 +94,7 @@ class GcmrRetrievalPipeline(Pipeline):
         if isinstance(inputs, tuple):
             inputs = list(inputs)
         if isinstance(inputs, list):
-            validate_query_texts(inputs)
+            inputs = validate_query_texts(inputs)  # lone surrogates replaced here: one warning for the list
         return super().__call__(inputs, **kwargs)
 
     def preprocess(self, query: str) -> dict[str, torch.Tensor]:

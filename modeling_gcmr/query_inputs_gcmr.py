@@ -5,6 +5,9 @@ training and in search:
 
 - text queries are strings (a str, or any list, tuple, generator or numpy array of them); anything else, an empty
   or whitespace-only string, is refused with the item's position;
+- a lone surrogate (half of a UTF-16 pair, such as "\\ud800", which no UTF-8 tokenizer can take) becomes U+FFFD,
+  with one warning per call: a query is a user's text, and one broken character should not cost its other words
+  (a well-formed pair written as two escapes becomes its character); training captions get the same treatment;
 - every query is cut to `config.query_token_limit` tokens (the encoder's position limit, else 512), with one
   warning; before tokenizing, a query is cut to `CHARS_PER_TOKEN` characters per allowed token, so a huge string
   never reaches the tokenizer whole;
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -38,6 +42,7 @@ MAX_BEAMS = 1024
 # alone, rerank="features"). Past that the generative part drowns in float32 rounding, and a huge weight (1e39)
 # overflows to inf, or nan, and ranks nothing.
 RERANK_WEIGHT_RANGE = (0.0, 100.0)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UnusableQueryWarning(UserWarning):
@@ -69,7 +74,23 @@ def validate_query_texts(queries: list[Any]) -> list[str]:
             raise TypeError(f"queries must be strings; item {index} is {type(query).__name__}: {query!r:.80}")
         if not query.strip():
             raise ValueError(f"queries must not be empty or whitespace; item {index} is {query!r}")
-    return queries
+    return replace_lone_surrogates(queries)
+
+
+def replace_lone_surrogates(texts: list[str]) -> list[str]:
+    """`texts` with each lone surrogate replaced by U+FFFD (one warning naming the first such text)."""
+    if not any(_SURROGATE.search(text) for text in texts):
+        return texts
+    fixed = [text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace") for text in texts]
+    bad = [index for index, (old, new) in enumerate(zip(texts, fixed)) if new.count("\ufffd") > old.count("\ufffd")]
+    if bad:
+        warnings.warn(
+            f"{len(bad)} text{' holds' if len(bad) == 1 else 's hold'} lone surrogates (half of a UTF-16 pair, which "
+            f"cannot be encoded), replaced with U+FFFD: item {bad[0]} is {texts[bad[0]]!r:.60}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fixed
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -111,7 +132,7 @@ def query_token_ids(tokenizer: Any, texts: list[str], limit: int) -> list[list[i
     model_max = getattr(tokenizer, "model_max_length", None)
     if _is_int(model_max) and 1 < model_max < limit:
         limit = int(model_max)
-    texts = [text[: limit * CHARS_PER_TOKEN] for text in texts]
+    texts = replace_lone_surrogates([text[: limit * CHARS_PER_TOKEN] for text in texts])
     ids = tokenizer(texts, truncation=False)["input_ids"]
     if max((len(row) for row in ids), default=0) > limit:
         logger.warning_once(f"queries longer than {limit} tokens are cut to {limit} tokens (the encoder's limit)")
@@ -168,6 +189,7 @@ __all__ = [
     "check_rerank_weight",
     "search_limits",
     "query_token_ids",
+    "replace_lone_surrogates",
     "tokenize_queries",
     "validate_query_texts",
     "warn_unusable",

@@ -379,6 +379,112 @@ def _grow_config_vocabulary(folder: Path) -> tuple[int, int]:
     return weights + 5, weights
 
 
+def _edit_config(folder: Path, edits: dict) -> None:
+    """Set config.json's dotted `edits` (e.g. {"text_config.num_layers": 3})."""
+    config = json.loads((folder / "config.json").read_text())
+    for path, value in edits.items():
+        *parents, name = path.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+# config.json edits that build what the weights do not hold (the tiny A checkpoint: 37 tensors, 8 identifiers, width
+# 32, one layer each side), and what the error must say: the field, its value, and what model.safetensors holds.
+SIZE_EDITS = {
+    "layers_absurd": ({"text_config.num_layers": 10**6},
+                      r"text_config\.num_layers = 1000000: it must be in \[0, 1024\].*model\.safetensors holds 37 "
+                      r"tensors"),
+    "layers_float": ({"text_config.num_layers": 1e6},
+                     r"text_config\.num_layers = 1000000\.0: a size must be an int; model\.safetensors holds 37"),
+    "layers_beyond_tensors": ({"text_config.num_decoder_layers": 500},
+                              r"text_config\.num_decoder_layers = 500, but model\.safetensors holds 37 tensors in all"),
+    "layers_more": ({"text_config.num_layers": 3},
+                    r"text_config\.num_layers mismatch: config\.json .* sets text_config\.num_layers = 3, which "
+                    r"builds 3 layers in backbone\.encoder\.block; model\.safetensors holds 1"),
+    "identifiers_huge": ({"num_identifiers": 10**8},
+                         r"num_identifiers mismatch: config\.json .* sets num_identifiers = 100000000, which builds "
+                         r"identifier_head\.paths as \(100000000, 2\); model\.safetensors holds \(8, 2\)"),
+    "identifiers_absurd": ({"num_identifiers": 10**12},
+                           r"num_identifiers = 1000000000000: it must be in \[0, 2147483647\]"),
+    "edges": ({"num_identifier_edges": 10**7}, r"num_identifier_edges mismatch: .* = 10000000, which builds "
+              r"identifier_head\.edge_vectors as \(10000000, 32\); model\.safetensors holds \(16, 32\)"),
+    "identifier_dim": ({"identifier_dim": 64}, r"identifier_dim mismatch: .* sets identifier_dim = 64, which builds"),
+    "heads": ({"text_config.num_heads": 4}, r"text_config\.num_heads mismatch: .* sets text_config\.num_heads = 4"),
+    "width": ({"text_config.d_model": 4096}, r"text_config\.d_model mismatch: .* sets text_config\.d_model = 4096"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIZE_EDITS))
+def test_config_sizes_the_weights_do_not_hold_are_refused_before_anything_is_built(checkpoint, case):
+    """Issue 17: num_layers = 1e6 ran the loader into a SystemError after 1.5 GB; 3 layers loaded two random ones;
+    a huge num_identifiers was reported as a "vocab_size mismatch"."""
+    edits, message = SIZE_EDITS[case]
+    _edit_config(checkpoint, edits)
+    with pytest.raises(Exception, match=message) as error:
+        GcmrForRetrieval.from_pretrained(checkpoint)
+    assert "vocab" not in str(error.value)
+
+
+def test_sharded_weights_are_checked_shard_by_shard(pair_a_b, tmp_path):
+    (model, _), _ = pair_a_b
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    GcmrForRetrieval.from_pretrained(tmp_path)  # a sharded checkpoint of matching sizes loads
+    _edit_config(tmp_path, {"num_identifiers": 9})
+    with pytest.raises(ValueError, match=r"num_identifiers = 9, which builds identifier_head\.paths as \(9, 2\); "
+                                         r"model-\d{5}-of-\d{5}\.safetensors holds \(8, 2\)"):
+        GcmrForRetrieval.from_pretrained(tmp_path)
+
+
+def test_ignore_mismatched_sizes_still_loads_a_checkpoint_of_another_vocabulary(checkpoint):
+    config_size, _ = _grow_config_vocabulary(checkpoint)
+    model = GcmrForRetrieval.from_pretrained(checkpoint, ignore_mismatched_sizes=True)
+    assert model.vocab_size == config_size
+
+
+def test_a_config_made_in_code_with_absurd_sizes_is_refused_before_allocation():
+    text = dict(model_type="t5", vocab_size=100, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=1)
+    for options, message in [
+        (dict(text_config={**text, "num_layers": 10**6}), r"text_config\.num_layers = 1000000: it must be in"),
+        (dict(text_config={**text, "vocab_size": 2**40}), r"text_config\.vocab_size = 1099511627776: it must be in"),
+        (dict(text_config=text, num_identifiers=10**12), r"num_identifiers = 1000000000000: it must be in"),
+        (dict(text_config=text, image_embed_dim=10**9), r"image_embed_dim = 1000000000: it must be in"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            GcmrConfig(**options)
+    config = GcmrConfig(text_config=text)
+    config.text_config.num_layers = 10**6  # changed after the config was made
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"text_config\.num_layers = 1000000: it must be in"):
+        GcmrForRetrieval(config)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("value", ["some/dir/modeling_gcmr.GcmrForRetrieval", "some.dir.modeling_gcmr.GcmrForRetrieval",
+                                   "a--b--modeling_gcmr.GcmrForRetrieval", "modeling_gcmr"])
+def test_an_auto_map_entry_transformers_cannot_resolve_is_named(checkpoint, value):
+    """Issue 17: such an entry gave transformers' "too many values to unpack" (or a missing some/dir/... file)."""
+    from modeling_gcmr.publishing.checkpoint import check_checkpoint_files
+
+    _edit_config(checkpoint, {"auto_map.AutoModel": value})
+    message = rf"the auto_map entry AutoModel = '{re.escape(value)}' of config\.json cannot be resolved"
+    with pytest.raises(ValueError, match=message):
+        check_checkpoint_files(checkpoint)
+    with pytest.raises(Exception, match=message):
+        GcmrForRetrieval.from_pretrained(checkpoint)
+
+
+def test_a_checkpoint_whose_auto_map_points_at_another_repository_is_incomplete(checkpoint):
+    from modeling_gcmr.publishing.checkpoint import check_checkpoint_files
+
+    _edit_config(checkpoint, {"auto_map.AutoModel": "user/repo--modeling_gcmr.GcmrForRetrieval"})
+    with pytest.raises(ValueError, match=r"auto_map of config\.json points at code in another repository"):
+        check_checkpoint_files(checkpoint)
+
+
 def test_a_missing_tokenizer_config_is_named(checkpoint):
     from transformers import AutoTokenizer
 
@@ -418,6 +524,12 @@ def test_damaged_folders_give_the_packages_errors_through_the_checkpoints_own_co
     damaged = {}
     for name, damage in {
         "vocabulary": lambda folder: _grow_config_vocabulary(folder),
+        "layers_absurd": lambda folder: _edit_config(folder, SIZE_EDITS["layers_absurd"][0]),
+        "layers_float": lambda folder: _edit_config(folder, SIZE_EDITS["layers_float"][0]),
+        "layers_more": lambda folder: _edit_config(folder, SIZE_EDITS["layers_more"][0]),
+        "identifiers_huge": lambda folder: _edit_config(folder, SIZE_EDITS["identifiers_huge"][0]),
+        "auto_map_path": lambda folder: _edit_config(folder, {"auto_map.AutoModel": "some/dir/modeling_gcmr.Gcmr"}),
+        "auto_map_dots": lambda folder: _edit_config(folder, {"auto_map.AutoModel": "some.dir.modeling_gcmr.Gcmr"}),
         "weights_truncated": lambda folder: _truncate(folder / "model.safetensors"),
         "table_truncated": lambda folder: _truncate(folder / "identifier_table.safetensors"),
     }.items():
@@ -432,6 +544,10 @@ def test_damaged_folders_give_the_packages_errors_through_the_checkpoints_own_co
     out = run_without_package(code, cwd=str(tmp_path), timeout=240)
     errors = {name: out[str(folder)].get("error", "") for name, folder in damaged.items()}
     assert re.search(r"vocab_size mismatch: config\.json .*model\.safetensors", errors["vocabulary"]), errors
+    for name in ("layers_absurd", "layers_float", "layers_more", "identifiers_huge"):
+        assert re.search(SIZE_EDITS[name][1], errors[name]), errors
+    for name in ("auto_map_path", "auto_map_dots"):
+        assert re.search(r"auto_map entry AutoModel = '.*' of config\.json cannot be resolved", errors[name]), errors
     assert re.search(r"model\.safetensors is truncated or corrupt", errors["weights_truncated"]), errors
     assert re.search(r"identifier_table\.safetensors cannot be read", errors["table_truncated"]), errors
     assert MIXED_SAVES in errors["mixed"] and "save_retriever" in errors["mixed"], errors

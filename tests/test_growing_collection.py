@@ -185,6 +185,22 @@ def test_removed_images_never_come_back(id_type, text_tokenizer):
         tokenizer.encode_identifiers([gone[0]])
 
 
+@pytest.mark.parametrize("id_type", [*HEAD_TYPES, *TEXT_TYPES])
+def test_an_emptied_collection_is_refilled(id_type, text_tokenizer):
+    """Issue 17: add_images after removing every image failed (torch.linalg.solve: singular) with stored features."""
+    model, tokenizer = _pair(id_type, text_tokenizer, store_features=id_type not in TEXT_TYPES)
+    model.remove_images(OLD_KEYS, tokenizer)
+    assert list(tokenizer.current_keys) == [] and tokenizer.prefix_trie.num_identifiers == 0
+    captions = dict(captions=CAPTIONS[NUM_OLD:NUM_OLD + 3]) if id_type in TEXT_TYPES else {}
+    model.add_images(NEW_KEYS[:3], tokenizer, image_embeds=NEW[:3], **captions)
+    assert list(tokenizer.current_keys) == NEW_KEYS[:3] and tokenizer.prefix_trie.num_identifiers == 3
+    if id_type not in TEXT_TYPES:
+        assert _image_hits(model, tokenizer, NEW[:3]) == [[key] for key in NEW_KEYS[:3]]
+        torch.testing.assert_close(model.stored_image_features[NUM_OLD:], torch.as_tensor(NEW[:3]))
+    hits = model.retrieve(CAPTIONS[:2], tokenizer, top_k=5)
+    assert all(row and {key for key, _ in row} <= set(NEW_KEYS[:3]) for row in hits)
+
+
 def test_a_rebuilt_trie_kills_the_same_edges_as_the_edited_one(text_tokenizer):
     model, tokenizer = _pair("coarse_fine", text_tokenizer)
     model.remove_images(OLD_KEYS[:5], tokenizer)
@@ -215,7 +231,9 @@ def _bad_calls(other_tokenizer):
         ("unknown key", lambda m, t: m.remove_images(["nope"], t), "unknown key"),
         ("removed twice", lambda m, t: m.remove_images([OLD_KEYS[0]], t), "already removed"),
         ("removed twice in one call", lambda m, t: m.remove_images([OLD_KEYS[2], OLD_KEYS[2]], t), "duplicate key"),
-        ("no keys", lambda m, t: m.remove_images([], t), "keys is empty"),
+        ("no keys", lambda m, t: m.remove_images([], t), "remove_images: keys is empty"),
+        ("no images", lambda m, t: m.add_images([], t, image_embeds=NEW[:0]),
+         "add_images: keys is empty, so no images were given"),
         ("unknown placement", lambda m, t: m.add_images(["x"], t, image_embeds=NEW[:1], placement="dice"),
          "placement must be one of"),
         ("tokenizer of another edit", lambda m, t: m.add_images(["x"], other_tokenizer, image_embeds=NEW[:1]),

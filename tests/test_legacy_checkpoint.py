@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from subprocess_utils import run_without_package
 
@@ -63,3 +64,16 @@ def test_format_1_checkpoint_loads_through_todays_remote_code(tmp_path):
     assert got["module"].startswith("transformers_modules")
     assert_same_hits(got["text"], want["text"])
     assert_same_hits(got["image"], want["image"])
+
+
+def test_format_1_config_sizes_are_checked_against_its_weights(tmp_path):
+    """The format 1 checkpoint shares the loader: a config.json that builds what its weights do not hold is refused."""
+    folder = tmp_path / "legacy"
+    shutil.copytree(FIXTURE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_decoder_layers"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"text_config\.num_decoder_layers mismatch: config\.json .* sets "
+                                         r"text_config\.num_decoder_layers = 2, which builds 2 layers in "
+                                         r"backbone\.decoder\.block; model\.safetensors holds 1"):
+        GcmrForRetrieval.from_pretrained(folder)

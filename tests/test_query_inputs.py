@@ -140,3 +140,38 @@ def test_warnings_do_not_escape_for_ordinary_queries(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnusableQueryWarning)
         model.retrieve(["a red circle", "a blue square"], tokenizer)
+
+
+def _surrogate_warnings(caught) -> list[str]:
+    return [str(warning.message) for warning in caught if "lone surrogates" in str(warning.message)]
+
+
+def test_a_lone_surrogate_is_replaced_with_one_warning_in_search_the_pipeline_and_training(setup):
+    """Issue 17: "a \\ud800 dog" raised the tokenizers' TypeError; it now searches as "a \\ufffd dog"."""
+    from modeling_gcmr.training.examples import build_query_examples
+
+    model, tokenizer, _ = setup
+    replaced = model.retrieve(["a red \ufffd circle", "a big star"], tokenizer, top_k=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hits = model.retrieve(["a red \ud800 circle", "a big \udfff\ud800 star"], tokenizer, top_k=3)
+    assert _surrogate_warnings(caught) == [
+        "2 texts hold lone surrogates (half of a UTF-16 pair, which cannot be encoded), replaced with U+FFFD: "
+        "item 0 is 'a red \\ud800 circle'"]
+    assert [[key for key, _ in row] for row in hits[:1]] == [[key for key, _ in row] for row in replaced[:1]]
+    assert all(len(row) == 3 for row in hits)
+    # a well-formed pair written as two escapes is its character, with no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.retrieve("\ud83d\ude00 a red circle", tokenizer, top_k=3)
+    assert _surrogate_warnings(caught) == []
+
+    pipe = pipeline(PIPELINE_TASK, model=model, tokenizer=tokenizer, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = pipe(["a red \ud800 circle", "a \ud800 star"], top_k=3)
+    assert len(_surrogate_warnings(caught)) == 1 and all(len(result) == 3 for result in results)
+
+    with pytest.warns(UserWarning, match="lone surrogates"):
+        rows = build_query_examples(["a red \ud800 circle"], ["img0"], tokenizer, 16)
+    assert rows[0]["input_ids"] == query_inputs_gcmr.query_token_ids(tokenizer, ["a red \ufffd circle"], 16)[0]

@@ -170,3 +170,13 @@ def test_the_vision_tower_is_sized_for_the_corpus_images(imagefolder, tmp_path):
         "--per_device_train_batch_size", "4", "--save_strategy", "no", *TINY_MODEL])
     model = GcmrForRetrieval.from_pretrained(tmp_path / "out" / "retriever")
     assert model.config.vision_config.image_size == 32
+
+
+def test_a_one_image_corpus_trains_with_hard_negatives_off(tmp_path):
+    """Issue 17: one image left hard_negative_loss no negative to score (a 0-row decoder pass: cannot reshape)."""
+    results = _run_gcmr_module().main([
+        "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--synthetic_num_images", "1",
+        "--id_type", "atomic", "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+        *TINY_MODEL])
+    assert results["epoch"] > 0 and results["eval_recall@1"] == 1.0
+    assert (tmp_path / "out" / "retriever" / "model.safetensors").is_file()

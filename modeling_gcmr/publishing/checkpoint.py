@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from tokenization_gcmr.identifier_table import IdentifierTable
 
 from ..atomic_write_gcmr import check_replaceable_location, is_save_leftover, replacing_folder
+from ..configuration_gcmr import auto_map_problem
 
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "text_tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -194,12 +195,20 @@ def check_checkpoint_files(folder: str | os.PathLike) -> None:
 
 
 def _missing_code(folder: Path, config_name: str) -> list[str]:
-    """The code files an `auto_map` in `config_name` points at that are not in `folder`."""
+    """What is wrong with the `auto_map` in `config_name`: an entry transformers cannot resolve, one that points at
+    another repository's code (a checkpoint carries its own), or a code file it names that is not in `folder`."""
     try:
         auto_map = json.loads((folder / config_name).read_text(encoding="utf-8")).get("auto_map", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return []  # reported above
+    problem = auto_map_problem(auto_map, config_name)
+    if problem:
+        return [problem]
     references = [value for values in auto_map.values() for value in (values if isinstance(values, list) else [values])]
+    elsewhere = [reference for reference in references if isinstance(reference, str) and "--" in reference]
+    if elsewhere:
+        return [f"the auto_map of {config_name} points at code in another repository ({elsewhere[0]!r}): a retriever "
+                "checkpoint carries its own code files, named '<module file>.<class>'"]
     modules = {reference.split(".")[0] for reference in references if isinstance(reference, str)}
     return [f"{module}.py (in the auto_map of {config_name}) is missing" for module in sorted(modules)
             if not (folder / f"{module}.py").is_file()]
