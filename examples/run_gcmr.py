@@ -45,7 +45,7 @@ from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.data import split_captions
 from modeling_gcmr.training.examples import TrainingExamplesConfig, build_query_examples, build_training_examples
 from modeling_gcmr.training.lora import apply_lora, merge_lora
-from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs
+from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, part_learning_rates
 from modeling_gcmr.training.model_setup import ScratchT5, VisionTower, build_retriever, typical_image_size
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
@@ -318,8 +318,8 @@ def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_arg
                                                model_args.beam_negatives, num_beams=model_args.num_beams,
                                                batch_size=training_args.per_device_eval_batch_size,
                                                max_queries=model_args.beam_negative_queries))
-    optimizer = optimizer_cls_and_kwargs(model, training_args, training_args.edge_learning_rate,
-                                         training_args.query_learning_rate)
+    optimizer = optimizer_cls_and_kwargs(model, training_args, **{
+        f"{part}_learning_rate": rate for part, rate in part_learning_rates(model.config, training_args).items()})
     return Trainer(model=model, args=training_args, train_dataset=train_dataset if training_args.do_train else None,
                    eval_dataset=eval_dataset, data_collator=GcmrDataCollator.from_config(model.config, tokenizer),
                    processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optimizer)

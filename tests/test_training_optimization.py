@@ -9,7 +9,13 @@ from modeling_gcmr.identifier_loss_gcmr import _with_mined_negatives
 from modeling_gcmr.training.callbacks import BeamNegativesCallback
 from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.examples import build_training_examples
-from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, parameter_groups, parameter_part
+from modeling_gcmr.training.optimization import (
+    DENSE_START_DECODER_SHARE,
+    optimizer_cls_and_kwargs,
+    parameter_groups,
+    parameter_part,
+    part_learning_rates,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +68,14 @@ def test_parameter_parts_cover_edges_query_projections_and_the_rest(tiny):
     assert parts["identifier_head.edge_vectors"] == "edge"
     assert {name for name, part in parts.items() if part == "query"} == {
         name for name in parts if name.startswith(("query_projection.", "image_query_projection."))}
-    assert parts["identifier_head.step_query.weight"] == parts["identifier_head.log_scale"] == "rest"
+    assert parts["identifier_head.step_query.weight"] == parts["identifier_head.log_scale"] == "decoder"
     # wrappers prefix the names (PEFT: base_model.model.)
     assert parameter_part("base_model.model.identifier_head.edge_vectors") == "edge"
     assert parameter_part("base_model.model.query_projection.weight") == "query"
 
     groups = parameter_groups(model, 1e-3, 0.1, edge_learning_rate=1e-5, query_learning_rate=0.0)
     rates = {(group["gcmr_part"], group["weight_decay"]) : group["lr"] for group in groups}
-    assert {part for part, _ in rates} == {"edge", "rest"}  # a zero rate leaves the part out of the optimizer
+    assert {part for part, _ in rates} == {"edge", "decoder"}  # a zero rate leaves the part out of the optimizer
     assert all(lr == (1e-5 if part == "edge" else 1e-3) for (part, _), lr in rates.items())
     grouped = [p for group in groups for p in group["params"]]
     assert len(grouped) == len({id(p) for p in grouped})  # no parameter twice
@@ -90,7 +96,7 @@ def test_trainer_applies_each_part_its_own_rate(tiny, tmp_path):
                        lr_scheduler_type="constant")
     trainer.train()
     rates = {group["gcmr_part"]: group["lr"] for group in trainer.optimizer.param_groups}
-    assert rates == {"query": pytest.approx(1e-3), "rest": pytest.approx(1e-2)}
+    assert rates == {"query": pytest.approx(1e-3), "decoder": pytest.approx(1e-2)}
     moved = {name: not torch.equal(start[name], p) for name, p in model.named_parameters()}
     assert not moved["identifier_head.edge_vectors"]  # rate 0: exactly where it started
     assert moved["query_projection.weight"] and moved["identifier_head.step_query.weight"]
@@ -98,6 +104,20 @@ def test_trainer_applies_each_part_its_own_rate(tiny, tmp_path):
     step_query = (model.identifier_head.step_query.weight - start["identifier_head.step_query.weight"]).abs().max()
     query = (model.query_projection.weight - start["query_projection.weight"]).abs().max()
     assert query < 0.3 * step_query
+
+
+def test_dense_aware_start_gets_a_slower_decoder_by_default(tiny):
+    from types import SimpleNamespace
+
+    model = tiny["make_model"]()
+    args = SimpleNamespace(learning_rate=1e-3, edge_learning_rate=None, query_learning_rate=2e-4,
+                           decoder_learning_rate=None)
+    assert not model.config.shared_query_space  # a model from scratch: the common rate for its decoder
+    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
+    model.config.shared_query_space = True  # queries start in the features' space: the dense-aware start
+    assert part_learning_rates(model.config, args)["decoder"] == pytest.approx(DENSE_START_DECODER_SHARE * 1e-3)
+    args.decoder_learning_rate = 5e-4  # an explicit rate always wins
+    assert part_learning_rates(model.config, args)["decoder"] == 5e-4
 
 
 # ----------------------------------------------------------------------------- beam-mined hard negatives

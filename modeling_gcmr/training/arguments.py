@@ -154,12 +154,17 @@ class GcmrTrainingArguments(TrainingArguments):
     more epochs (the demo uses --learning_rate 3e-3 --num_train_epochs 60).
     """
 
-    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (the decoder and the rest)."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (of every part whose own "
+                                                                  "rate below is not set)."})
     edge_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the identifier head's edge vectors (0: fixed); default: "
                                 "--learning_rate. See modeling_gcmr/training/optimization.py."})
     query_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the query projections (0: fixed); default: --learning_rate."})
+    decoder_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the decoder and every other part (0: fixed); default: "
+                                "0.1 x --learning_rate for a dense-aware start (pretrained backbone whose queries share "
+                                "the features' space), else --learning_rate."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})
