@@ -91,7 +91,7 @@ class BenchmarkArguments:
     write_doc: bool = field(default=True, metadata={"help": "Write this run's section into docs/real_captions.md."})
     step0: bool = field(default=True, metadata={"help": "Also decode every test query with the model as initialised "
                                                         "(step 0, the same seed), plain and hybrid, in the same run."})
-    dense_finetune_epochs: float = field(default=2.0, metadata={"help": "Epochs of the fine-tuned dense peer "
+    dense_finetune_epochs: float = field(default=1.0, metadata={"help": "Epochs of the fine-tuned dense peer "
                                                                         "(benchmarks/dense_peer.py; 0 = none)."})
     dense_finetune_learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of the dense peer."})
 
