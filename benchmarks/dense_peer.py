@@ -53,7 +53,8 @@ def finetune_query_encoder(encoder: BertModel, tokenizer, texts: list[str], gold
         optimizer.zero_grad()
         losses.append(float(loss))
     return model.eval(), {"minutes": (time.perf_counter() - start) / 60, "steps": total, "epochs": epochs,
-                          "learning_rate": learning_rate, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
+                          "learning_rate": learning_rate, "loss_first": losses[0],
+                          "loss_last": float(np.mean(losses[-10:]))}
 
 
 __all__ = ["finetune_query_encoder"]

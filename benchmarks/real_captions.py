@@ -157,6 +157,12 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def untrained(command: list[str]) -> list[str]:
+    """The run_gcmr command without its training step (and without the step-0 evaluation that goes with it)."""
+    start = command.index("--eval_on_start")
+    return [a for a in command[:start] + command[start + 2 :] if a != "--do_train"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, run_args = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(argv, return_remaining_strings=True)
     run_args = [a for a in run_args if a != "--"]
@@ -194,11 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
                "--output_dir", str(work), "--eval_query_file", str(curve), "--eval_strategy", "epoch",
                "--eval_on_start", "true", "--num_beams", str(args.num_beams), "--seed", "0", *run_args]
     if args.untrained:
-        command = [a for a in command if a not in ("--do_train", "--eval_on_start", "true")]
+        command = untrained(command)
     step0 = {}
     if args.step0 and not args.untrained:
         # The same build and seed without a training step: the start the trained model is measured against.
-        first = [a for a in command if a not in ("--do_train", "--eval_on_start", "true")]
+        first = untrained(command)
         first[first.index("--output_dir") + 1] = str(out_dir / "step0")
         run_gcmr.main(first + ["--eval_strategy", "no"])
         start_model = GcmrForRetrieval.from_pretrained(out_dir / "step0" / "retriever").eval()

@@ -39,10 +39,12 @@ def rows_of(runs: list[dict]) -> list[list[str]]:
             run["setup"]["dataset"], id_type, f"{100 * dense['recall@1']:.1f}",
             f"{100 * tuned['recall@1']:.1f}" if tuned else "-",
             f"{100 * step0['recall@1']:.1f}" if step0 else "-",
-            f"{100 * plain['recall@1']:.1f}" + (f" ({100 * (plain['recall@1'] - step0['recall@1']):+.1f})" if step0 else ""),
+            f"{100 * plain['recall@1']:.1f}"
+            + (f" ({100 * (plain['recall@1'] - step0['recall@1']):+.1f})" if step0 else ""),
             f"{plain['recall@1'] / dense['recall@1']:.2f}" + (f" (>= {target})" if target else ""),
             f"{best['recall@1'] / dense['recall@1']:.2f}",
-            f"{hybrid['recall@1'] / dense['recall@1']:.2f}" + (f" / {hybrid['recall@1'] / tuned['recall@1']:.2f}" if tuned else ""),
+            f"{hybrid['recall@1'] / dense['recall@1']:.2f}"
+            + (f" / {hybrid['recall@1'] / tuned['recall@1']:.2f}" if tuned else ""),
             f"{100 * plain['recall@10']:.1f} / {100 * dense['recall@10']:.1f}",
             f"{plain['queries_per_second'] / dense['queries_per_second']:.2f} (>= 0.5)",
             f"{run['training'].get('train_minutes', 0):.1f}" if run["training"] else "-",

@@ -66,7 +66,8 @@ def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate`. Anything else keeps None (the common
     rate): models from scratch learn their decoder from nothing."""
     rates = {part: getattr(args, f"{part}_learning_rate", None) for part in ("edge", "query", "decoder")}
-    dense_start = getattr(config, "identifier_head", None) == "identifier" and getattr(config, "shared_query_space", False)
+    dense_start = (getattr(config, "identifier_head", None) == "identifier"
+                   and getattr(config, "shared_query_space", False))
     if rates["decoder"] is None and dense_start:
         rates["decoder"] = DENSE_START_DECODER_SHARE * args.learning_rate
     return rates
