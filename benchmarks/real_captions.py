@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, BertModel, HfArgumentParser  # noqa: E40
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples")]
 import run_gcmr  # noqa: E402
+from dense_peer import finetune_query_encoder  # noqa: E402
 from report import REPO, git_revision, machine, markdown_table, write_section  # noqa: E402
 
 from modeling_gcmr import GcmrForRetrieval  # noqa: E402
@@ -64,6 +65,7 @@ DEFAULT_ID_OPTIONS = {
     "structured": {"branching": 30, "leaf_size": 30},
 }
 RERANK_MODES = (None, "features", "hybrid")
+FINETUNED = "dense MiniLM fine-tuned (faiss IP)"
 SPEED_REPEATS = 2  # timed searches per system, interleaved; the fastest counts
 
 
@@ -87,6 +89,11 @@ class BenchmarkArguments:
     output_dir: str = field(default=str(REPO / "benchmarks" / "results" / "real_captions"),
                             metadata={"help": "Results, per-query files and plots go to <output_dir>/<run id>/."})
     write_doc: bool = field(default=True, metadata={"help": "Write this run's section into docs/real_captions.md."})
+    step0: bool = field(default=True, metadata={"help": "Also decode every test query with the model as initialised "
+                                                        "(step 0, the same seed), plain and hybrid, in the same run."})
+    dense_finetune_epochs: float = field(default=1.0, metadata={"help": "Epochs of the fine-tuned dense peer "
+                                                                        "(benchmarks/dense_peer.py; 0 = none)."})
+    dense_finetune_learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of the dense peer."})
 
 
 def read_captions(path: Path) -> list[list[str]]:
@@ -150,6 +157,12 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
+def untrained(command: list[str]) -> list[str]:
+    """The run_gcmr command without its training step (and without the step-0 evaluation that goes with it)."""
+    start = command.index("--eval_on_start")
+    return [a for a in command[:start] + command[start + 2 :] if a != "--do_train"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, run_args = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses(argv, return_remaining_strings=True)
     run_args = [a for a in run_args if a != "--"]
@@ -187,7 +200,20 @@ def main(argv: list[str] | None = None) -> dict:
                "--output_dir", str(work), "--eval_query_file", str(curve), "--eval_strategy", "epoch",
                "--eval_on_start", "true", "--num_beams", str(args.num_beams), "--seed", "0", *run_args]
     if args.untrained:
-        command = [a for a in command if a not in ("--do_train", "--eval_on_start", "true")]
+        command = untrained(command)
+    step0 = {}
+    if args.step0 and not args.untrained:
+        # The same build and seed without a training step: the start the trained model is measured against.
+        first = untrained(command)
+        first[first.index("--output_dir") + 1] = str(out_dir / "step0")
+        run_gcmr.main(first + ["--eval_strategy", "no"])
+        start_model = GcmrForRetrieval.from_pretrained(out_dir / "step0" / "retriever").eval()
+        start_tokenizer = ImageIdTokenizer.from_pretrained(out_dir / "step0" / "retriever")
+        for mode in (None, "hybrid"):
+            hits = start_model.retrieve(queries, start_tokenizer, top_k=max(KS), num_beams=args.num_beams,
+                                        batch_size=args.batch_size, rerank=mode)
+            step0[mode or "plain"] = retrieval_metrics([[key for key, _ in h] for h in hits], gold, ks=KS)
+        del start_model
     training = run_gcmr.main(command)
     state_file = work / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"log_history": []}
@@ -195,8 +221,24 @@ def main(argv: list[str] | None = None) -> dict:
     retriever = work / "retriever"
     model, tokenizer = GcmrForRetrieval.from_pretrained(retriever).eval(), ImageIdTokenizer.from_pretrained(retriever)
     searches = {"dense MiniLM (faiss IP)": dense_search}
+    peer = {}
+    if args.dense_finetune_epochs > 0:
+        rows = {key: row for row, key in enumerate(keys)}
+        texts = [caps[j] for caps in captions for j in FEATURE_CAPTIONS]
+        tuned, peer = finetune_query_encoder(
+            encoder, text_tokenizer, texts, [rows[key] for key in keys for _ in FEATURE_CAPTIONS], features,
+            epochs=args.dense_finetune_epochs, learning_rate=args.dense_finetune_learning_rate,
+            batch_size=args.batch_size)
+
+        def tuned_search():
+            return index.search(embed_sentences(tuned, text_tokenizer, queries, args.batch_size, "fine-tuned dense"),
+                                top_k=max(KS))
+
+        searches[FINETUNED] = tuned_search
+    slugs = {"dense MiniLM (faiss IP)": "dense", FINETUNED: "dense_finetuned"}
     for mode in RERANK_MODES:
         name = f"generative ({args.id_type})" + (f" + rerank {mode}" if mode else "")
+        slugs[name] = f"rerank_{mode}" if mode else "generative"
         searches[name] = partial(model.retrieve, queries, tokenizer, top_k=max(KS), num_beams=args.num_beams,
                                  batch_size=args.batch_size, rerank=mode)
     # Interleaved and repeated, the fastest run of each counts: a neighbour's load then hits both sides alike.
@@ -216,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         "num_queries": len(queries),
         "identifiers": {"options": json.loads(options), "max_length": tokenizer.max_identifier_length,
                         "trie_edges": tokenizer.prefix_trie.num_edges},
+        "step0": step0,
+        "dense_finetune": peer,
         "training": {name: training[name] for name in ("train_minutes", "train_runtime", "train_samples_per_second",
                                                        "epoch", "stopped_by_time_budget") if name in training},
         "curve": [{"train_minutes": entry["train_minutes"], "recall@1": entry["eval_recall@1"],
@@ -225,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "queries_per_second": len(queries) / seconds, "seconds": seconds}
                     for name, (hits, seconds) in systems.items()},
     }
-    for slug, (hits, _) in zip(("dense", "generative", "rerank_features", "rerank_hybrid"), systems.values()):
-        write_per_query_results(out_dir / f"per_query_{slug}.jsonl", queries, gold, hits)
+    for name, (hits, _) in systems.items():
+        write_per_query_results(out_dir / f"per_query_{slugs[name]}.jsonl", queries, gold, hits)
     save_results(out_dir / "results.json", results)
     rankings = {name: [[key for key, _ in h] for h in hits] for name, (hits, _) in systems.items()}
     plot_recall_curve(rankings, gold, out_dir / "recall_at_k.png")
@@ -252,6 +296,24 @@ def summary(results: dict) -> str:
             f"({training.get('train_runtime', 0) / 60:.1f} min with evaluation), {training.get('epoch', 0):.1f} epochs")
 
 
+def _step0_and_peer_lines(results: dict) -> list[str]:
+    """The doc bullets that set the trained model against its own start and name the fine-tuned dense peer."""
+    lines, step0 = [], results.get("step0")
+    if step0:
+        plain = results["systems"][f"generative ({results['setup']['id_type']})"]["recall@1"]
+        hybrid = results["systems"][f"generative ({results['setup']['id_type']}) + rerank hybrid"]["recall@1"]
+        lines.append(f"- step 0 (the same build and seed, no training step), all test queries: R@1 "
+                     f"{100 * step0['plain']['recall@1']:.1f} (hybrid {100 * step0['hybrid']['recall@1']:.1f}); "
+                     f"trained: {100 * plain:.1f} (hybrid {100 * hybrid:.1f}), "
+                     f"{100 * (plain - step0['plain']['recall@1']):+.1f} R@1 over step 0")
+    peer = results.get("dense_finetune")
+    if peer:
+        lines.append(f"- fine-tuned dense peer: the MiniLM query encoder fine-tuned on the training captions (0 and 1) "
+                     f"against all image features (benchmarks/dense_peer.py), {peer['epochs']:g} epochs, "
+                     f"{peer['steps']} steps, lr {peer['learning_rate']:g}, {peer['minutes']:.1f} min")
+    return lines
+
+
 def _write_doc(results: dict, out_dir: Path) -> None:
     import shutil
 
@@ -270,6 +332,7 @@ def _write_doc(results: dict, out_dir: Path) -> None:
         f"![Recall@1 against training minutes]({figure})" if results["curve"] else "(not trained: no curve)",
         "",
         f"- R@1 on {len(results['curve']) and 'the curve queries'} after each epoch (training minutes: R@1): {curve}",
+        *_step0_and_peer_lines(results),
         f"- queries/s: all {results['num_queries']:,} test queries at batch {results['setup']['batch_size']}, query "
         f"encoder included on both sides; the faster of {SPEED_REPEATS} runs per system, the systems interleaved.",
         f"- Command: `{results['command']}` (revision {results['revision']})",

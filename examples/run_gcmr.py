@@ -40,11 +40,17 @@ from modeling_gcmr.publishing.checkpoint import push_retriever_to_hub, save_retr
 from modeling_gcmr.publishing.model_card import build_model_card
 from modeling_gcmr.training.arguments import DataArguments, GcmrTrainingArguments, IdentifierArguments, ModelArguments
 from modeling_gcmr.training.backbones import load_text_backbone
-from modeling_gcmr.training.callbacks import ProcessSeedCallback, RetrievalEvalCallback, TrainingClockCallback
+from modeling_gcmr.training.callbacks import (
+    BeamNegativesCallback,
+    ProcessSeedCallback,
+    RetrievalEvalCallback,
+    TrainingClockCallback,
+)
 from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.data import split_captions
 from modeling_gcmr.training.examples import TrainingExamplesConfig, build_query_examples, build_training_examples
 from modeling_gcmr.training.lora import apply_lora, merge_lora
+from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, part_learning_rates
 from modeling_gcmr.training.model_setup import ScratchT5, VisionTower, build_retriever, typical_image_size
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
@@ -308,9 +314,20 @@ def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_arg
     if queries and training_args.eval_strategy != "no":
         callbacks.append(RetrievalEvalCallback(queries, gold, tokenizer, num_beams=model_args.num_beams,
                                                batch_size=training_args.per_device_eval_batch_size))
+    if model_args.beam_negatives > 0 and training_args.do_train:
+        if model.config.identifier_head != "identifier" or model.config.hard_negatives == 0:
+            raise ValueError("--beam_negatives needs the identifier head and --hard_negatives > 0 (the mined "
+                             "negatives are scored by the hard-negative loss)")
+        captions_of = [(caption, row["image_key"]) for row in train_corpus for caption in row["captions"]]
+        callbacks.append(BeamNegativesCallback([c for c, _ in captions_of], [k for _, k in captions_of], tokenizer,
+                                               model_args.beam_negatives, num_beams=model_args.num_beams,
+                                               batch_size=training_args.per_device_eval_batch_size,
+                                               max_queries=model_args.beam_negative_queries))
+    optimizer = optimizer_cls_and_kwargs(model, training_args, **{
+        f"{part}_learning_rate": rate for part, rate in part_learning_rates(model.config, training_args).items()})
     return Trainer(model=model, args=training_args, train_dataset=train_dataset if training_args.do_train else None,
                    eval_dataset=eval_dataset, data_collator=GcmrDataCollator.from_config(model.config, tokenizer),
-                   processing_class=tokenizer, callbacks=callbacks)
+                   processing_class=tokenizer, callbacks=callbacks, optimizer_cls_and_kwargs=optimizer)
 
 
 def _evaluate(model, tokenizer, dense, queries, gold, model_args, training_args) -> dict:

@@ -67,10 +67,30 @@ def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tenso
         negatives = masked.topk(count, dim=1).indices
         if candidates is not None:
             negatives = candidates[negatives]
+        gold = gold_position if candidates is None else candidates[gold_position]
+        negatives, unused = _with_mined_negatives(model, negatives, gold)
     negative_scores = own_path_scores(model, encoded, base, negatives, memory_cache)
+    if unused is not None:
+        negative_scores = negative_scores.masked_fill(unused, float("-inf"))
     gold_scores = logits.gather(1, gold_position[:, None])
     scores = torch.cat([gold_scores, negative_scores], dim=1).float()
     return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
+
+
+def _with_mined_negatives(model: Any, negatives: torch.Tensor,
+                          gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Add the negatives mined from the model's own beam (`identifier_head.mined_negatives`, (N, M) identifier rows
+    per gold identifier, -1 padded; set between epochs by `training.callbacks.BeamNegativesCallback`, never saved)
+    to the shared-vector ones. Returns the negatives and a mask of entries to ignore (padding, the gold itself, or
+    a repeat of a shared-vector negative; None when nothing was mined)."""
+    mined = getattr(model.identifier_head, "mined_negatives", None)
+    if mined is None:
+        return negatives, None
+    extra = mined.to(gold.device)[gold]
+    unused = (extra < 0) | (extra == gold[:, None]) | (extra[:, :, None] == negatives[:, None, :]).any(-1)
+    extra = torch.where(unused, gold[:, None], extra)
+    keep = torch.zeros_like(negatives, dtype=torch.bool)
+    return torch.cat([negatives, extra], dim=1), torch.cat([keep, unused], dim=1)
 
 
 def own_path_scores(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, identifiers: torch.Tensor,

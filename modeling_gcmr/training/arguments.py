@@ -75,6 +75,11 @@ class ModelArguments:
     hard_negatives: int = field(
         default=4, metadata={"help": "Negatives per query scored with their own decoder states in training (0 = off)."}
     )
+    beam_negatives: int = field(
+        default=0, metadata={"help": "Negatives per image mined from the model's own beam on the training captions at "
+                             "the start of every epoch, scored like --hard_negatives (0 = off)."})
+    beam_negative_queries: int | None = field(
+        default=None, metadata={"help": "Mine on an evenly spaced subset of at most this many training captions."})
     distill_weight: float | None = field(
         default=None,
         metadata={"help": "Weight of distillation from the dense teacher (the stored image features against the "
@@ -149,7 +154,17 @@ class GcmrTrainingArguments(TrainingArguments):
     more epochs (the demo uses --learning_rate 3e-3 --num_train_epochs 60).
     """
 
-    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak AdamW learning rate (of every part whose own "
+                                                                  "rate below is not set)."})
+    edge_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the identifier head's edge vectors (0: fixed); default: "
+                                "--learning_rate. See modeling_gcmr/training/optimization.py."})
+    query_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the query projections (0: fixed); default: --learning_rate."})
+    decoder_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the decoder and every other part (0: fixed); default: "
+                                "0.1 x --learning_rate for a dense-aware start (pretrained backbone whose queries share "
+                                "the features' space), else --learning_rate."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})

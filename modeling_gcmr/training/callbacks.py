@@ -1,10 +1,12 @@
-"""Callbacks for `transformers.Trainer`: Recall@K of trie-constrained decoding at every evaluation, a clock that
-logs training minutes (and stops at a time budget), so that recall can be plotted against training time, and a
-per-process seed for distributed training."""
+"""Callbacks for `transformers.Trainer`: Recall@K of trie-constrained decoding at every evaluation, hard negatives
+mined from the model's own beam, a clock that logs training minutes (and stops at a time budget), so that recall
+can be plotted against training time, and a per-process seed for distributed training."""
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+
+import torch
 
 from transformers import TrainerCallback, set_seed
 from transformers.utils import logging
@@ -79,6 +81,73 @@ class RetrievalEvalCallback(TrainerCallback):
             logger.info("retrieval at step %d: %s", state.global_step, results)
 
 
+class BeamNegativesCallback(TrainerCallback):
+    """Hard negatives mined from the model's own beam: at the start of every `every_epochs`-th epoch, the training
+    queries are decoded with trie-constrained beam search, and each image gets the `num_negatives` other images that
+    its queries' beams rank highest (best rank first). The identifier loss then scores them with their own decoder
+    states next to the shared-vector negatives (`identifier_loss_gcmr._with_mined_negatives`).
+
+    Why: the shared-vector negatives are the identifiers that look best when every candidate is scored with the
+    gold path's states; the beam's are the ones search actually returns above the gold. The table lives on the
+    identifier head as `mined_negatives` (not a parameter or buffer: it is never saved, and a resumed run mines
+    again at its next epoch). Every process mines the same table (the model is the same in each).
+
+    Args:
+        queries / gold_keys: the training queries (captions) and their images' keys.
+        tokenizer: the model's `ImageIdTokenizer` (its `keys` order is the identifier rows' order).
+        num_negatives: negatives kept per image.
+        max_queries: decode an evenly spaced subset of at most this many queries (None: all).
+    """
+
+    def __init__(self, queries: Sequence[str], gold_keys: Sequence[str], tokenizer, num_negatives: int = 4,
+                 num_beams: int | None = None, batch_size: int = 64, every_epochs: int = 1,
+                 max_queries: int | None = None):
+        if len(queries) != len(gold_keys):
+            raise ValueError(f"{len(queries)} queries but {len(gold_keys)} gold keys")
+        if not queries:
+            raise ValueError("BeamNegativesCallback needs at least one training query")
+        if num_negatives < 1 or every_epochs < 1:
+            raise ValueError(f"num_negatives and every_epochs must be >= 1, got {num_negatives} and {every_epochs}")
+        rows = {key: row for row, key in enumerate(tokenizer.keys)}
+        unknown = next((key for key in gold_keys if key not in rows), None)
+        if unknown is not None:
+            raise ValueError(f"training query image {unknown!r} has no identifier in the tokenizer")
+        step = max(1, -(-len(queries) // max_queries)) if max_queries else 1
+        self.queries = list(queries)[::step]
+        self.gold_rows = [rows[key] for key in list(gold_keys)[::step]]
+        self.rows, self.tokenizer = rows, tokenizer
+        self.num_negatives, self.num_beams, self.batch_size = num_negatives, num_beams, batch_size
+        self.every_epochs = every_epochs
+
+    def mine(self, model) -> torch.Tensor:
+        """(num_identifiers, num_negatives) identifier rows that the beam ranks above or near each image's gold on
+        its queries, best rank first, -1 padded."""
+        hits = model.retrieve(self.queries, self.tokenizer, top_k=self.num_negatives + 1, num_beams=self.num_beams,
+                              batch_size=self.batch_size, show_progress=False)
+        found: dict[int, dict[int, int]] = {}
+        for gold, ranked in zip(self.gold_rows, hits):
+            best = found.setdefault(gold, {})
+            for rank, (key, _) in enumerate(ranked):
+                row = self.rows[key]
+                if row != gold and rank < best.get(row, rank + 1):
+                    best[row] = rank
+        mined = torch.full((len(self.rows), self.num_negatives), -1, dtype=torch.long)
+        for gold, best in found.items():
+            chosen = sorted(best, key=best.__getitem__)[: self.num_negatives]
+            mined[gold, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+        return mined
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        epoch = round(state.epoch or 0)
+        if model is None or epoch % self.every_epochs:
+            return
+        head = model.identifier_head
+        head.mined_negatives = self.mine(model).to(head.paths.device)
+        if state.is_world_process_zero:
+            logger.info("mined %d beam negatives per image from %d training queries at epoch %d",
+                        self.num_negatives, len(self.queries), epoch)
+
+
 class TrainingClockCallback(TrainerCallback):
     """Adds `train_minutes` (time inside training steps only: evaluation and saving are not counted) to every log
     and evaluation entry, and ends training at the first step after `budget_minutes` (0 or None: no budget)."""
@@ -117,9 +186,6 @@ class TrainingClockCallback(TrainerCallback):
             state.log_history[-1]["train_minutes"] = round(self.minutes, 4)
 
 
-__all__ = ["RetrievalEvalCallback", "TrainingClockCallback"]
-
-
 class ProcessSeedCallback(TrainerCallback):
     """Gives each distributed process its own training randomness: dropout, sampled softmax candidates, interpolation.
 
@@ -136,3 +202,6 @@ class ProcessSeedCallback(TrainerCallback):
             # one line per process, as the example script's own "process rank" line
             logger.warning("process %d of %d: training randomness seeded with %d", args.process_index,
                            args.world_size, args.seed + args.process_index)
+
+
+__all__ = ["BeamNegativesCallback", "ProcessSeedCallback", "RetrievalEvalCallback", "TrainingClockCallback"]

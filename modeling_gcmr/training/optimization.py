@@ -1,0 +1,94 @@
+"""Per-part learning rates for the identifier head: the trie's edge vectors, the query projections, and the decoder
+with everything else.
+
+Why: a dense-aware start is already a good retriever (step 0 ranks like dense inner-product search); what training
+may move, and how fast, decides whether it ends above that start. Measured on f30k-dev (docs/real_captions.md,
+"Tuning"): the decoder's per-step correction (`q_t = q_0 + W h_t`, W starting at zero) trained at the common rate
+is what loses R@1 in the first epoch, while the edge vectors and the query projection at that rate gain it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+# Parameter name prefixes of each part (names as `GcmrForRetrieval.named_parameters()` gives them).
+EDGE_PARAMETERS = ("identifier_head.edge_vectors",)
+QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_query_projection.")
+# The decoder's rate as a share of --learning_rate for a dense-aware start (chosen on f30k-dev, "Tuning").
+DENSE_START_DECODER_SHARE = 0.1
+
+
+def parameter_part(name: str) -> str:
+    """'edge', 'query' or 'decoder' (everything else): which learning rate a parameter of a GcmrForRetrieval takes."""
+    # PEFT and DDP wrappers prefix the names; the part is decided by what the name ends with.
+    for prefix in EDGE_PARAMETERS:
+        if name == prefix or name.endswith("." + prefix):
+            return "edge"
+    for prefix in QUERY_PARAMETERS:
+        if name.startswith(prefix) or f".{prefix}" in name:
+            return "query"
+    return "decoder"
+
+
+def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float = 0.0,
+                     edge_learning_rate: float | None = None, query_learning_rate: float | None = None,
+                     decoder_learning_rate: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable parameters: one per (part, weight decay) pair that has any.
+
+    Args:
+        learning_rate: the rate of every part whose own rate is None.
+        weight_decay: as `Trainer` applies it (not to biases and norms).
+        edge_learning_rate / query_learning_rate / decoder_learning_rate: of the edge vectors / the query
+            projections / everything else (decoder, step query map, image projector, score scale); 0 keeps that
+            part fixed (it is left out of the optimizer).
+    """
+    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "decoder": decoder_learning_rate}
+    for part, rate in rates.items():
+        if rate is not None and rate < 0:
+            raise ValueError(f"the {part} learning rate must be >= 0, got {rate}")
+        rates[part] = learning_rate if rate is None else rate
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        part = parameter_part(name)
+        if parameter.requires_grad and rates[part] > 0:
+            groups.setdefault((part, name in decay), []).append(parameter)
+    return [{"params": params, "lr": rates[part], "weight_decay": weight_decay if decays else 0.0, "gcmr_part": part}
+            for (part, decays), params in groups.items()]
+
+
+def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
+    """The per-part rates `args` asks for (`edge_learning_rate`, `query_learning_rate`, `decoder_learning_rate`),
+    with the recommended default filled in for a dense-aware start (identifier head, queries in the features'
+    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate`. Anything else keeps None (the common
+    rate): models from scratch learn their decoder from nothing."""
+    rates = {part: getattr(args, f"{part}_learning_rate", None) for part in ("edge", "query", "decoder")}
+    dense_start = (getattr(config, "identifier_head", None) == "identifier"
+                   and getattr(config, "shared_query_space", False))
+    if rates["decoder"] is None and dense_start:
+        rates["decoder"] = DENSE_START_DECODER_SHARE * args.learning_rate
+    return rates
+
+
+def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_learning_rate: float | None = None,
+                             query_learning_rate: float | None = None,
+                             decoder_learning_rate: float | None = None) -> tuple[type, dict[str, Any]] | None:
+    """`Trainer(optimizer_cls_and_kwargs=...)` for per-part learning rates: the optimizer `args` names (AdamW by
+    default), with `parameter_groups`; None when every rate is None (then the Trainer builds its own, unchanged).
+    The Trainer's scheduler scales every group alike, so warm-up and decay apply to each part's own rate."""
+    if edge_learning_rate is None and query_learning_rate is None and decoder_learning_rate is None:
+        return None
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if "params" in kwargs or "model" in kwargs:
+        raise ValueError(f"--optim {args.optim} builds its own parameter groups: per-part learning rates "
+                         "(--edge/query/decoder_learning_rate) need an optimizer like adamw_torch")
+    groups = parameter_groups(model, args.learning_rate, args.weight_decay, edge_learning_rate, query_learning_rate,
+                              decoder_learning_rate)
+    return optimizer_cls, {**kwargs, "params": groups}
+
+
+__all__ = ["DENSE_START_DECODER_SHARE", "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part",
+           "part_learning_rates"]

@@ -1,0 +1,202 @@
+"""Training that moves away from a good start with care: per-part learning rates, and hard negatives mined from the
+model's own beam (BeamNegativesCallback + the identifier loss), on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_gcmr.identifier_loss_gcmr import _with_mined_negatives
+from modeling_gcmr.training.callbacks import BeamNegativesCallback
+from modeling_gcmr.training.collator import GcmrDataCollator
+from modeling_gcmr.training.examples import build_training_examples
+from modeling_gcmr.training.optimization import (
+    DENSE_START_DECODER_SHARE,
+    optimizer_cls_and_kwargs,
+    parameter_groups,
+    parameter_part,
+    part_learning_rates,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A 12-image synthetic corpus with image features, atomic ids and a factory of tiny identifier-head models."""
+    from transformers import T5Config
+
+    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+    from modeling_gcmr.training.data import split_captions
+    from modeling_gcmr.training.synthetic import make_synthetic_corpus
+    from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+    from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
+
+    corpus = make_synthetic_corpus(12, captions_per_image=3, seed=0).remove_columns(["image", "attributes"])
+    split = split_captions(corpus, num_query_captions=1)
+    text_tokenizer = train_text_tokenizer([c for caps in corpus["captions"] for c in caps], vocab_size=80)
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(corpus["image_key"], "atomic"))
+
+    def make_model() -> GcmrForRetrieval:
+        torch.manual_seed(0)
+        text = T5Config(vocab_size=tokenizer.num_text_tokens, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        model = GcmrForRetrieval(GcmrConfig(text_config=text, image_embed_dim=len(corpus[0]["image_embeds"]),
+                                            num_visual_tokens=2, num_beams=4, hard_negatives=2))
+        model.set_identifier_vocabulary(tokenizer)
+        return model
+
+    return {"split": split, "tokenizer": tokenizer, "make_model": make_model,
+            "train": build_training_examples(split.train, tokenizer)}
+
+
+def _trainer(tiny, model, tmp_path, callbacks=(), optimizer=None, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=12, learning_rate=1e-2, max_steps=6,
+                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, warmup_steps=0,
+                   remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0)
+    options.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**options), train_dataset=tiny["train"],
+                   data_collator=GcmrDataCollator.from_config(model.config, tiny["tokenizer"]),
+                   processing_class=tiny["tokenizer"], callbacks=list(callbacks), optimizer_cls_and_kwargs=optimizer)
+
+
+# ----------------------------------------------------------------------------- per-part learning rates
+
+
+def test_parameter_parts_cover_edges_query_projections_and_the_rest(tiny):
+    model = tiny["make_model"]()
+    parts = {name: parameter_part(name) for name, _ in model.named_parameters()}
+    assert parts["identifier_head.edge_vectors"] == "edge"
+    assert {name for name, part in parts.items() if part == "query"} == {
+        name for name in parts if name.startswith(("query_projection.", "image_query_projection."))}
+    assert parts["identifier_head.step_query.weight"] == parts["identifier_head.log_scale"] == "decoder"
+    # wrappers prefix the names (PEFT: base_model.model.)
+    assert parameter_part("base_model.model.identifier_head.edge_vectors") == "edge"
+    assert parameter_part("base_model.model.query_projection.weight") == "query"
+
+    groups = parameter_groups(model, 1e-3, 0.1, edge_learning_rate=1e-5, query_learning_rate=0.0)
+    rates = {(group["gcmr_part"], group["weight_decay"]) : group["lr"] for group in groups}
+    assert {part for part, _ in rates} == {"edge", "decoder"}  # a zero rate leaves the part out of the optimizer
+    assert all(lr == (1e-5 if part == "edge" else 1e-3) for (part, _), lr in rates.items())
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})  # no parameter twice
+    expected = {id(p) for name, p in model.named_parameters() if p.requires_grad and parameter_part(name) != "query"}
+    assert {id(p) for p in grouped} == expected
+    with pytest.raises(ValueError, match="edge learning rate must be >= 0"):
+        parameter_groups(model, 1e-3, edge_learning_rate=-1.0)
+
+
+def test_trainer_applies_each_part_its_own_rate(tiny, tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny["make_model"]()
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, report_to=[], use_cpu=True)
+    assert optimizer_cls_and_kwargs(model, args, None, None) is None  # the Trainer's own optimizer, unchanged
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = _trainer(tiny, model, tmp_path, optimizer=optimizer_cls_and_kwargs(model, args, 0.0, 1e-3),
+                       lr_scheduler_type="constant")
+    trainer.train()
+    rates = {group["gcmr_part"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates == {"query": pytest.approx(1e-3), "decoder": pytest.approx(1e-2)}
+    moved = {name: not torch.equal(start[name], p) for name, p in model.named_parameters()}
+    assert not moved["identifier_head.edge_vectors"]  # rate 0: exactly where it started
+    assert moved["query_projection.weight"] and moved["identifier_head.step_query.weight"]
+    # the query projection moved about 10x less per step than the decoder-side map (AdamW: steps ~ the rate)
+    step_query = (model.identifier_head.step_query.weight - start["identifier_head.step_query.weight"]).abs().max()
+    query = (model.query_projection.weight - start["query_projection.weight"]).abs().max()
+    assert query < 0.3 * step_query
+
+
+def test_dense_aware_start_gets_a_slower_decoder_by_default(tiny):
+    from types import SimpleNamespace
+
+    model = tiny["make_model"]()
+    args = SimpleNamespace(learning_rate=1e-3, edge_learning_rate=None, query_learning_rate=2e-4,
+                           decoder_learning_rate=None)
+    assert not model.config.shared_query_space  # a model from scratch: the common rate for its decoder
+    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
+    model.config.shared_query_space = True  # queries start in the features' space: the dense-aware start
+    assert part_learning_rates(model.config, args)["decoder"] == pytest.approx(DENSE_START_DECODER_SHARE * 1e-3)
+    args.decoder_learning_rate = 5e-4  # an explicit rate always wins
+    assert part_learning_rates(model.config, args)["decoder"] == 5e-4
+
+
+# ----------------------------------------------------------------------------- beam-mined hard negatives
+
+
+def _training_queries(tiny):
+    train = tiny["split"].train
+    return [(c, key) for key, caps in zip(train["image_key"], train["captions"]) for c in caps]
+
+
+def test_mined_negatives_are_the_beam_s_other_images_best_rank_first(tiny):
+    model, tokenizer = tiny["make_model"](), tiny["tokenizer"]
+    pairs = _training_queries(tiny)
+    callback = BeamNegativesCallback([c for c, _ in pairs], [k for _, k in pairs], tokenizer, num_negatives=2,
+                                     num_beams=4)
+    mined = callback.mine(model)
+    rows = {key: row for row, key in enumerate(tokenizer.keys)}
+    assert mined.shape == (len(tokenizer.keys), 2) and mined.dtype == torch.long
+    hits = model.retrieve([c for c, _ in pairs], tokenizer, top_k=3, num_beams=4)
+    for gold in set(k for _, k in pairs):
+        # the expected table row, computed directly: each other image at its best rank over this image's queries
+        best: dict[int, int] = {}
+        for (_, key), ranked in zip(pairs, hits):
+            if key == gold:
+                for rank, (hit, _) in enumerate(ranked):
+                    if hit != gold:
+                        best[rows[hit]] = min(rank, best.get(rows[hit], rank))
+        expected = sorted(best, key=lambda row: (best[row], row))[:2]
+        got = [row for row in mined[rows[gold]].tolist() if row >= 0]
+        assert rows[gold] not in got and len(got) == len(expected)
+        assert sorted(best[row] for row in got) == sorted(best[row] for row in expected)
+    # images without training queries mine nothing
+    assert all(mined[rows[key]].tolist() == [-1, -1] for key in tokenizer.keys if key not in {k for _, k in pairs})
+
+
+def test_mined_negatives_join_the_loss_and_padding_changes_nothing(tiny):
+    model = tiny["make_model"]().train()
+    batch = GcmrDataCollator.from_config(model.config, tiny["tokenizer"])([tiny["train"][i] for i in range(8)])
+    torch.manual_seed(0)
+    plain = model(**batch).loss
+    gold = model.identifier_head.identifier_index(batch["labels"], model.config.eos_token_id)
+    table = torch.full((model.identifier_head.num_identifiers, 3), -1, dtype=torch.long)
+    table[gold, 0] = gold  # the gold itself, and padding: nothing to add
+    model.identifier_head.mined_negatives = table
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(**batch).loss, plain)
+    negatives, unused = _with_mined_negatives(model, torch.zeros(len(gold), 1, dtype=torch.long), gold)
+    assert negatives.shape == (len(gold), 4) and unused[:, 1:].all() and not unused[:, 0].any()
+
+    table[gold, 0] = (gold + 1) % model.identifier_head.num_identifiers  # a real other image per row
+    torch.manual_seed(0)
+    mined = model(**batch).loss
+    assert torch.isfinite(mined) and mined > plain  # one more negative in each row's softmax
+    mined.backward()
+    assert model.identifier_head.edge_vectors.grad is not None
+
+
+def test_callback_mines_at_each_epoch_start_inside_the_trainer(tiny, tmp_path):
+    model, tokenizer = tiny["make_model"](), tiny["tokenizer"]
+    pairs = _training_queries(tiny)
+    callback = BeamNegativesCallback([c for c, _ in pairs], [k for _, k in pairs], tokenizer, num_negatives=2,
+                                     num_beams=4, max_queries=5)
+    assert len(callback.queries) <= 5
+    mined_at = []
+    original = callback.mine
+    callback.mine = lambda m: mined_at.append(trainer.state.global_step) or original(m)
+    trainer = _trainer(tiny, model, tmp_path, [callback], max_steps=-1, num_train_epochs=2)
+    trainer.train()
+    steps_per_epoch = trainer.state.max_steps // 2
+    assert mined_at == [0, steps_per_epoch]
+    assert model.identifier_head.mined_negatives.shape == (len(tokenizer.keys), 2)
+    assert all(entry["loss"] == entry["loss"] for entry in trainer.state.log_history if "loss" in entry)  # no NaN
+
+
+def test_callback_rejects_bad_input(tiny):
+    tokenizer = tiny["tokenizer"]
+    with pytest.raises(ValueError, match="2 queries but 1 gold keys"):
+        BeamNegativesCallback(["a", "b"], [tokenizer.keys[0]], tokenizer)
+    with pytest.raises(ValueError, match="'nope' has no identifier"):
+        BeamNegativesCallback(["a"], ["nope"], tokenizer)
+    with pytest.raises(ValueError, match="num_negatives and every_epochs must be >= 1"):
+        BeamNegativesCallback(["a"], [tokenizer.keys[0]], tokenizer, num_negatives=0)
