@@ -135,3 +135,23 @@ def test_text_head_retrieve_is_generate_with_length_penalty_zero(text_tokenizer,
     for got_row, want_row in zip(got, want):
         assert [k for k, _ in got_row] == [k for k, _ in want_row]
         np.testing.assert_allclose([s for _, s in got_row], [s for _, s in want_row], rtol=1e-4, atol=1e-4)
+
+
+def test_a_text_head_checkpoint_keeps_its_head_and_refuses_rerank(text_tokenizer, caption_corpus, tmp_path):
+    """Models fitted to string/semantic identifiers before they moved to the identifier head say "text" in their
+    config: they load and search through the text head, and rerank (which needs the identifier head's query vectors
+    and stored features) is refused with the reason, before anything runs."""
+    from modeling_gcmr import save_retriever
+
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "semantic", count=20)
+    model = text_head_model(tokenizer)
+    save_retriever(model, tokenizer, tmp_path / "checkpoint")
+    loaded = GcmrForRetrieval.from_pretrained(tmp_path / "checkpoint").eval()
+    assert loaded.config.identifier_head == "text" and loaded.identifier_head is None
+    texts = ["a red circle left of a blue square", "a big green star"]
+    want = model.retrieve(texts, tokenizer, top_k=3, num_beams=4)
+    assert [[k for k, _ in row] for row in loaded.retrieve(texts, tokenizer, top_k=3, num_beams=4)] == \
+        [[k for k, _ in row] for row in want]
+    for mode in ("features", "hybrid"):
+        with pytest.raises(ValueError, match=r"rerank re-scores .* text head \(config.identifier_head=text\)"):
+            loaded.retrieve(texts, tokenizer, rerank=mode)
