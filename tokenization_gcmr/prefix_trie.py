@@ -136,6 +136,10 @@ class PrefixTrie:
     Built with `from_sequences`; `on(device)` gives the tensors and walks used by decoding and lookups.
     """
 
+    # The identifier vocabulary this trie spells (set by its tokenizer): lets a model refuse a trie that walks
+    # another tokenizer's identifiers (a `PrefixTrieLogitsProcessor` given to `generate()`).
+    identifier_signature: str | None = None
+
     def __init__(
         self,
         offsets: np.ndarray,
@@ -159,9 +163,6 @@ class PrefixTrie:
         if self.live_below is not None:
             self.num_identifiers = int((self.live_below[self.child_nodes < 0] > 0).sum())
         self._devices: dict[torch.device, DeviceTrie] = {}
-        # The identifier vocabulary this trie spells (set by its tokenizer): lets a model refuse a trie that walks
-        # another tokenizer's identifiers (`PrefixTrieLogitsProcessor` given to `generate()`).
-        self.identifier_signature: str | None = None
 
     def _validate(self) -> None:
         offsets, tokens, nodes = self.offsets, self.child_tokens, self.child_nodes
