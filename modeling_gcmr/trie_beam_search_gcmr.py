@@ -5,7 +5,10 @@ step's query vector, and scores only the trie children of each beam's node: `sco
 + scale * q_t . v(edge)` (see `identifier_head_gcmr.py`). A child through an EOS edge completes an identifier and
 leaves the beam as a hit; the others compete for the `num_beams` places of their query. Nothing is ever scored
 outside the trie, so no vocabulary-wide matrix is built: at the root of atomic identifiers the children are all
-identifiers (dense search), deeper levels score a handful of children per beam.
+identifiers (dense search), deeper levels score a handful of children per beam. Once every beam of a query is on a
+path that only one identifier takes, nothing can prune them any more, and one teacher-forced pass scores the rest
+of those paths at once (`_finish_single_paths`): long text-piece identifiers (semantic) then cost about the steps it
+takes to tell them apart, not their full length.
 
 The trie comes from the tokenizer (`tokenizer.prefix_trie`), the project's one trie engine; this Hub file only calls
 its methods.
