@@ -66,7 +66,6 @@ class IdentifierHead(nn.Module):
         self.start_input = nn.Parameter(torch.zeros(decoder_dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(score_scale)))
         self._row_index_cache: tuple[np.ndarray, np.ndarray] | None = None
-        self._edge_owner_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def num_identifiers(self) -> int:
@@ -135,19 +134,6 @@ class IdentifierHead(nn.Module):
         matrix product, where pairing would gather an (R * E, D) copy of the edge vectors (at the root of a million
         atomic identifiers, gigabytes per batch)."""
         return self.scale * (queries @ self.edge_vectors[edges].T)
-
-    def edge_owners(self) -> torch.Tensor:
-        """(edges,) the one identifier whose path takes each edge, or -1 where several do (removed ones included)."""
-        stamp = (self.paths.data_ptr(), self.paths._version)
-        if self._edge_owner_cache is None or self._edge_owner_cache[0] != stamp:
-            paths = self.paths.long()
-            taken = paths >= 0
-            edges = paths[taken]
-            owners = torch.arange(len(paths), device=paths.device)[:, None].expand_as(paths)[taken]
-            count = torch.bincount(edges, minlength=self.edge_vectors.shape[0])
-            owner = torch.full_like(count, -1).scatter_(0, edges, owners)
-            self._edge_owner_cache = (stamp, torch.where(count == 1, owner, -1))
-        return self._edge_owner_cache[1]
 
     # ----------------------------------------------------------------------------------------------- labels
     def identifier_index(self, labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:

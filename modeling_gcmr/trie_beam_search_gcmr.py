@@ -5,10 +5,7 @@ step's query vector, and scores only the trie children of each beam's node: `sco
 + scale * q_t . v(edge)` (see `identifier_head_gcmr.py`). A child through an EOS edge completes an identifier and
 leaves the beam as a hit; the others compete for the `num_beams` places of their query. Nothing is ever scored
 outside the trie, so no vocabulary-wide matrix is built: at the root of atomic identifiers the children are all
-identifiers (dense search), deeper levels score a handful of children per beam. Once every beam of a query is on a
-path that only one identifier takes, nothing can prune them any more, and one teacher-forced pass scores the rest
-of those paths at once (`_finish_single_paths`): long text-piece identifiers (semantic) then cost about the steps it
-takes to tell them apart, not their full length.
+identifiers (dense search), deeper levels score a handful of children per beam.
 
 The trie comes from the tokenizer (`tokenizer.prefix_trie`), the project's one trie engine; this Hub file only calls
 its methods.
@@ -43,7 +40,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
     previous_edges = None
     cache = None
     hits_query, hits_key, hits_score = [], [], []
-    for step in range(model.config.max_identifier_length + 1):
+    for _ in range(model.config.max_identifier_length + 1):
         if previous_edges is None:
             inputs = head.start_input.expand(len(nodes), 1, -1)
         else:
@@ -69,39 +66,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         cache.reorder_cache(parents)
         query_of_row, totals, previous_edges = query_of_row[parents], scores, edges
         nodes = engine.next_node[edges]
-        finished = _finish_single_paths(model, encoded, query_of_row, previous_edges, totals, step + 1, num_queries)
-        if finished is not None:
-            rest, found = finished
-            for hits, value in zip((hits_query, hits_key, hits_score), found):
-                hits.append(value)
-            if len(rest) == 0:
-                break
-            cache.reorder_cache(rest)
-            query_of_row, totals, previous_edges = query_of_row[rest], totals[rest], previous_edges[rest]
-            nodes = nodes[rest]
     return _top_hits(num_queries, torch.cat(hits_query), torch.cat(hits_key), torch.cat(hits_score), top_k)
-
-
-def _finish_single_paths(model: Any, encoded: Any, query_of_row: torch.Tensor, previous_edges: torch.Tensor,
-                         totals: torch.Tensor, depth: int, num_queries: int) -> tuple[torch.Tensor, tuple] | None:
-    """Where every live beam of a query sits on a path that only one identifier takes, those beams can no longer be
-    pruned (at most `num_beams` of them, one child each): each becomes a hit, scored in one teacher-forced decoder
-    pass over its identifier's path instead of one decoder step per remaining token (semantic identifiers are
-    unique after about 5 of their about 15 caption pieces). Returns (rows that go on, (queries, keys, scores) of
-    the hits) or None when no query is done."""
-    head = model.identifier_head
-    owners = head.edge_owners()[previous_edges]
-    open_beams = torch.zeros(num_queries, device=owners.device).index_add_(0, query_of_row, (owners < 0).float())
-    done = (owners >= 0) & (open_beams[query_of_row] == 0)
-    if not bool(done.any()):
-        return None
-    rows, identifiers = query_of_row[done], owners[done]
-    paths = head.paths.long()[identifiers]
-    states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows)
-    queries = head.step_queries(encoded.query_vectors[rows], states)
-    steps = head.scale * (queries * head.edge_vectors[paths.clamp(min=0)]).sum(-1) * (paths >= 0)
-    scores = totals[done] + steps[:, depth:].sum(1).float()
-    return torch.nonzero(~done).squeeze(-1), (rows, identifiers, scores)
 
 
 def _best_per_group(groups: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -297,25 +297,3 @@ def test_hard_negatives_are_scored_with_their_own_paths_as_beam_search_does(setu
         for column, index in enumerate(identifiers[row].tolist()):
             expected = teacher_forced_score(model, tokenizer, inputs, row, tokenizer.keys[index])
             assert scores[row, column].item() == pytest.approx(expected, abs=1e-3)
-
-
-def test_single_paths_finished_in_one_pass_give_the_step_by_step_hits(text_tokenizer, caption_corpus, monkeypatch):
-    """Beams on paths only one identifier takes are finished by one teacher-forced pass: the same hits and scores
-    as decoding them token by token (long semantic identifiers, so most beams end on such paths)."""
-    from modeling_gcmr import trie_beam_search_gcmr
-
-    keys = [f"img_{index:03d}" for index in range(40)]
-    table = build_identifiers(keys, "semantic", captions=caption_corpus[:40], seed=0, text_tokenizer=text_tokenizer,
-                              max_length=10)
-    tokenizer = ImageIdTokenizer(text_tokenizer, table)
-    model = make_model(tokenizer)
-    encoded = model.encode(**random_queries(tokenizer, 12, seed=4))
-    calls = []
-    finish = trie_beam_search_gcmr._finish_single_paths
-    monkeypatch.setattr(trie_beam_search_gcmr, "_finish_single_paths", lambda *args: calls.append(1) or finish(*args))
-    fast = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=4, top_k=4)
-    monkeypatch.setattr(trie_beam_search_gcmr, "_finish_single_paths", lambda *args: None)
-    slow = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=4, top_k=4)
-    assert len(calls) < tokenizer.max_identifier_length  # it ended the search early
-    assert [[key for key, _ in row] for row in fast] == [[key for key, _ in row] for row in slow]
-    np.testing.assert_allclose([[s for _, s in row] for row in fast], [[s for _, s in row] for row in slow], atol=1e-4)
