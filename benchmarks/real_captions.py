@@ -88,6 +88,10 @@ class BenchmarkArguments:
                                                              "step (the dense-aware start; run id gets -untrained)."})
     output_dir: str = field(default=str(REPO / "benchmarks" / "results" / "real_captions"),
                             metadata={"help": "Results, per-query files and plots go to <output_dir>/<run id>/."})
+    rerank: bool = field(default=True, metadata={"help": "Also time and score rerank features / hybrid (false: the "
+                                                         "plain search only, a third of the decoding time)."})
+    speed_repeats: int = field(default=SPEED_REPEATS, metadata={"help": "Timed searches per system (the fastest "
+                                                                        "counts)."})
     write_doc: bool = field(default=True, metadata={"help": "Write this run's section into docs/real_captions.md."})
     step0: bool = field(default=True, metadata={"help": "Also decode every test query with the model as initialised "
                                                         "(step 0, the same seed), plain and hybrid, in the same run."})
@@ -236,14 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         searches[FINETUNED] = tuned_search
     slugs = {"dense MiniLM (faiss IP)": "dense", FINETUNED: "dense_finetuned"}
-    for mode in RERANK_MODES:
+    for mode in RERANK_MODES if args.rerank else (None,):
         name = f"generative ({args.id_type})" + (f" + rerank {mode}" if mode else "")
         slugs[name] = f"rerank_{mode}" if mode else "generative"
         searches[name] = partial(model.retrieve, queries, tokenizer, top_k=max(KS), num_beams=args.num_beams,
                                  batch_size=args.batch_size, rerank=mode)
     # Interleaved and repeated, the fastest run of each counts: a neighbour's load then hits both sides alike.
     systems = {}
-    for _ in range(SPEED_REPEATS):
+    for _ in range(args.speed_repeats):
         for name, search in searches.items():
             hits, seconds = timed(search)
             systems[name] = (hits, min(seconds, systems.get(name, (None, float("inf")))[1]))
@@ -334,7 +338,8 @@ def _write_doc(results: dict, out_dir: Path) -> None:
         f"- R@1 on {len(results['curve']) and 'the curve queries'} after each epoch (training minutes: R@1): {curve}",
         *_step0_and_peer_lines(results),
         f"- queries/s: all {results['num_queries']:,} test queries at batch {results['setup']['batch_size']}, query "
-        f"encoder included on both sides; the faster of {SPEED_REPEATS} runs per system, the systems interleaved.",
+        f"encoder included on both sides; the faster of {results['setup']['speed_repeats']} run(s) per system, the "
+        "systems interleaved.",
         f"- Command: `{results['command']}` (revision {results['revision']})",
         f"- run_gcmr: `{results['run_gcmr_command'].replace(str(REPO) + '/', '')}`",
         f"- Machine: {results['machine']}",

@@ -60,11 +60,12 @@ class GcmrConfig(PreTrainedConfig):
         num_beams (`int`, *optional*, defaults to 10):
             Default beam width of constrained decoding (10 in GRACE).
         identifier_head (`"identifier"`, `"text"` or `None`, *optional*):
-            How identifiers are scored; set by `set_identifier_vocabulary` from the id type. `"identifier"` (numeric,
-            structured, atomic, coarse_fine): an identifier's score is the sum over its steps of the dot product
-            between a query vector and the vector of the trie edge taken (see `identifier_head_gcmr.py`), decoded by
-            `trie_beam_search_gcmr`. `"text"` (string, semantic, and checkpoints of format 1): the LM head over the
-            whole vocabulary, decoded by `generate()` under `PrefixTrieLogitsProcessor`.
+            How identifiers are scored. `None` or `"identifier"`: `set_identifier_vocabulary` gives every id type
+            (string and semantic too) the identifier head: an identifier's score is the sum over its steps of the dot
+            product between a query vector and the vector of the trie edge taken (see `identifier_head_gcmr.py`),
+            decoded by `trie_beam_search_gcmr`. `"text"` (asked for by the user, saved by string/semantic models
+            fitted before they moved to the identifier head, implied by format 1): the LM head over the whole
+            vocabulary, decoded by `generate()` under `PrefixTrieLogitsProcessor`.
         format_version (`int`, *optional*):
             2 for models made by this version: images enter the decoder memory without passing the text encoder.
             Checkpoints saved before (no `format_version`, an identifier signature set) are 1: images are

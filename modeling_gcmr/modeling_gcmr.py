@@ -3,9 +3,9 @@
 The query (text through the backbone's encoder; an image through the vision tower or as a precomputed feature)
 becomes the decoder's memory and one query vector. The decoder then walks the identifier trie: with the identifier
 head (`identifier_head_gcmr.py`) every step scores the trie edges by dot products with a query vector, searched by
-`trie_beam_search_gcmr`; with the text head (string/semantic identifiers, format 1 checkpoints) the backbone's LM
-head scores the vocabulary and `generate()` runs under `PrefixTrieLogitsProcessor`. Vocabulary fitting lives in
-`vocabulary_gcmr.py`, search in `retrieval_gcmr.py`, query validation in `query_inputs_gcmr.py`.
+`trie_beam_search_gcmr` (every id type by default); with the text head (format 1 checkpoints, configs that ask for
+it) the backbone's LM head scores the vocabulary and `generate()` runs under `PrefixTrieLogitsProcessor`.
+Vocabulary fitting lives in `vocabulary_gcmr.py`, search in `retrieval_gcmr.py`, queries in `query_inputs_gcmr.py`.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
 from .identifier_head_gcmr import IdentifierHead
 from .identifier_loss_gcmr import identifier_head_loss
 from .pipeline_gcmr import register_pipeline_in_config
+from .prefix_trie_logits_processor import generate_on_trie
 from .retrieval_gcmr import retrieve
 from .text_head_gcmr import LABEL_PAD_ID, shift_right, text_head_loss
 from .vocabulary_gcmr import check_tokenizer, set_identifier_vocabulary
@@ -446,12 +447,11 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def generate(self, *args: Any, **kwargs: Any):
-        """`generate()` of the text head; identifier-head models decode with `retrieve()` (trie beam search)."""
-        if self.config.identifier_head == "identifier":
-            raise ValueError("this model scores identifiers with its identifier head (summed dot products over trie "
-                             "edges), which generate() cannot decode: call model.retrieve(queries, tokenizer)")
-        return super().generate(*args, **kwargs)
+    def generate(self, inputs: Any = None, generation_config: Any = None, logits_processor: Any = None, **kwargs: Any):
+        """transformers' `generate()` for the text head; with the identifier head, `retrieve()`'s trie beam search
+        shaped as its beam-search output (pass `logits_processor=[PrefixTrieLogitsProcessor(tokenizer.prefix_trie)]`).
+        Either way a processor built from another tokenizer is refused (`prefix_trie_logits_processor.py`)."""
+        return generate_on_trie(self, super().generate, inputs, generation_config, logits_processor, **kwargs)
 
     # --------------------------------------------------------------------------------------------------- retrieval
     def retrieve(self, queries: Any = None, tokenizer: Any = None, top_k: int = 10, num_beams: int | None = None,

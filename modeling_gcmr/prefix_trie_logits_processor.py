@@ -1,10 +1,24 @@
-"""Trie-constrained `generate()` for the text head: `PrefixTrieLogitsProcessor` and `constrained_generate`.
+"""Trie-constrained `generate()`: `PrefixTrieLogitsProcessor`, `constrained_generate` and `generate_on_trie`.
 
-Models whose identifiers are spelled with text tokens (string and semantic identifiers, and checkpoints made
-before the identifier head) score the whole vocabulary with their LM head and decode with `generate()`; this
-processor keeps every step on the trie. Models with the identifier head decode with `trie_beam_search_gcmr`
-instead. Both walk the trie through the tokenizer's `PrefixTrie` (the one trie engine): a Hub file on this side
-may not import the tokenizer package, so it only calls that object's methods (`trie.on(device)`).
+Models with the text head (the LM head over the whole vocabulary: checkpoints made before the identifier head, and
+models whose config asks for it) decode with transformers' `generate()`; this processor keeps every step on the
+trie. Models with the identifier head decode with `trie_beam_search_gcmr`, and their `generate()` runs that same
+search (`generate_on_trie`), so `generate()` and `retrieve()` rank alike for every checkpoint:
+
+- identifier head: `generate(..., logits_processor=[PrefixTrieLogitsProcessor(tokenizer.prefix_trie)])` returns
+  the hits of `retrieve()`'s trie beam search, best first, as token sequences (decoder start, identifier, EOS,
+  padding) with `sequences_scores` the summed dot products. transformers' own beam loop cannot give this ranking:
+  it log-softmax-normalises every step (per-node normalisation made identifiers of different lengths
+  incomparable and cost 8-25 R@1 points on f30k-dev, see `identifier_head_gcmr.py`), and its early stop assumes
+  that scores only fall, which summed dot products do not.
+- text head: `retrieve()` is `generate()` under the processor with `length_penalty=0.0` (`constrained_generate`);
+  `generate()` with transformers' default `length_penalty=1.0` divides each score by its length, so identifiers of
+  different lengths (semantic, string) can rank differently there.
+
+Every `PrefixTrieLogitsProcessor` given to `generate()` must walk the model's own identifiers: its trie carries the
+tokenizer's identifier signature, checked against the model's. Both heads walk the trie through the tokenizer's
+`PrefixTrie` (the one trie engine): a Hub file on this side may not import the tokenizer package, so it only calls
+that object's methods (`trie.on(device)`).
 """
 
 from __future__ import annotations
@@ -15,7 +29,10 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
 from transformers.utils import logging
+
+from .trie_beam_search_gcmr import trie_beam_search
 
 logger = logging.get_logger(__name__)
 
@@ -178,3 +195,99 @@ def constrained_generate(model: Any, tokenizer: Any, encoder_inputs: dict[str, t
                 break
         results.append(hits)
     return results
+
+
+# What generate() of an identifier-head model hands to `model.encode` (the query, as for forward()).
+ENCODER_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_embeds", "image_mask", "inputs_embeds")
+
+
+def generate_on_trie(model: Any, generate: Any, inputs: Any = None, generation_config: Any = None,
+                     logits_processor: Any = None, **kwargs: Any) -> Any:
+    """`GcmrForRetrieval.generate`: the tries of the processors are checked against the model, then the text head
+    runs transformers' `generate` and the identifier head its trie beam search (module docstring)."""
+    tries = [p.trie for p in (logits_processor or []) if isinstance(p, PrefixTrieLogitsProcessor)]
+    for trie in tries:
+        check_trie(model, trie)
+    if model.config.identifier_head != "identifier":
+        return generate(inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs)
+    if not tries:
+        raise ValueError("this model scores identifiers with its identifier head, which decodes on the identifier trie "
+                         "only: pass logits_processor=[PrefixTrieLogitsProcessor(tokenizer.prefix_trie)], or call "
+                         "model.retrieve(queries, tokenizer)")
+    return _identifier_head_generate(model, tries[0], inputs, generation_config, kwargs)
+
+
+def check_trie(model: Any, trie: Any) -> None:
+    """Raise a ValueError when `trie` does not spell the identifiers `model` was fitted to."""
+    expected, found = model.config.identifier_signature, getattr(trie, "identifier_signature", None)
+    if expected is not None and found is not None and found != expected:
+        raise ValueError(
+            f"the PrefixTrieLogitsProcessor walks the identifiers of another tokenizer (signature {found[:16]}...) "
+            f"than the one this model was fitted to ({expected[:16]}...): build it from the tokenizer saved with "
+            "this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)"
+        )
+    if model.config.identifier_head == "identifier":
+        if trie.num_edges != model.config.num_identifier_edges:
+            raise ValueError(f"the PrefixTrieLogitsProcessor's trie has {trie.num_edges} edges, this model's "
+                             f"identifier head {model.config.num_identifier_edges}: build it from the tokenizer saved "
+                             "with this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
+    elif trie.vocab_size > model.vocab_size:
+        raise ValueError(f"the PrefixTrieLogitsProcessor's trie spells tokens up to id {trie.vocab_size - 1}, this "
+                         f"model's LM head has {model.vocab_size} rows: build it from the tokenizer saved with this "
+                         "model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
+
+
+@torch.no_grad()
+def _identifier_head_generate(model: Any, trie: Any, inputs: Any, generation_config: Any, kwargs: dict) -> Any:
+    """The trie beam search of `retrieve()`, shaped as transformers' beam-search output."""
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    model_kwargs = config.update(**kwargs)
+    if inputs is not None:
+        model_kwargs.setdefault(model.main_input_name, inputs)
+    num_beams, num_return = config.num_beams or 1, config.num_return_sequences or 1
+    needed = model.config.max_identifier_length + 1
+    if config.do_sample:
+        raise ValueError("generate() of an identifier-head model is a trie beam search: do_sample=True is not "
+                         "supported")
+    if num_return > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return}) must be <= num_beams ({num_beams})")
+    if config.max_new_tokens is not None and config.max_new_tokens < needed:
+        raise ValueError(f"max_new_tokens={config.max_new_tokens} cannot hold an identifier: the longest takes "
+                         f"{needed} tokens with its EOS")
+    unknown = sorted(set(model_kwargs) - set(ENCODER_INPUTS) - {"encoder_outputs"})
+    if unknown:
+        raise ValueError(f"generate() of an identifier-head model takes the query ({', '.join(ENCODER_INPUTS)} or "
+                         f"encoder_outputs) and generation options; unknown argument(s): {', '.join(unknown)}")
+    encoded = model_kwargs.get("encoder_outputs")
+    if encoded is None:
+        encoded = model.encode(**{name: model_kwargs[name] for name in ENCODER_INPUTS if name in model_kwargs})
+    hits = trie_beam_search(model, trie, encoded, num_beams, num_return)
+    sequences, scores = _hit_sequences(model, trie, hits, num_return, config)
+    if not config.return_dict_in_generate:
+        return sequences
+    return GenerateBeamEncoderDecoderOutput(sequences=sequences,
+                                            sequences_scores=scores if config.output_scores else None)
+
+
+def _hit_sequences(model: Any, trie: Any, hits: list[list[tuple[int, float]]], num_return: int,
+                   config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B * num_return, T) decoder start + identifier + EOS + padding, and the scores; missing hits: padding, -inf."""
+    device = model.identifier_head.token_rows.device
+    indices = torch.full((len(hits), num_return), -1, dtype=torch.long)
+    scores = torch.full((len(hits), num_return), float("-inf"))
+    for row, row_hits in enumerate(hits):
+        for rank, (index, score) in enumerate(row_hits):
+            indices[row, rank], scores[row, rank] = index, score
+    indices, scores = indices.flatten().to(device), scores.flatten().to(device)
+    tokens = model.identifier_head.token_rows.long()[indices.clamp(min=0)]
+    lengths = torch.where(indices >= 0, (tokens >= 0).sum(dim=1), -1)
+    width = int(lengths.max()) + 2 if len(lengths) else 2
+    pad = config.pad_token_id if config.pad_token_id is not None else model.config.pad_token_id
+    start = config.decoder_start_token_id
+    start = model.config.decoder_start_token_id if start is None else start
+    sequences = torch.full((len(indices), width), int(pad), dtype=torch.long, device=device)
+    sequences[:, 0] = int(start)
+    sequences[:, 1 : tokens.shape[1] + 1] = torch.where(tokens >= 0, tokens, int(pad))[:, : width - 1]
+    sequences[indices >= 0, (lengths + 1)[indices >= 0]] = trie.eos_token_id
+    sequences[indices < 0, 1:] = int(pad)
+    return sequences, scores

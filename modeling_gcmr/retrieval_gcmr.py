@@ -86,6 +86,15 @@ def retrieve(model: Any, queries: Any = None, tokenizer: Any = None, top_k: int 
 def check_rerank(model: Any, rerank: Any, rerank_weight: Any) -> None:
     if rerank not in RERANK_MODES:
         raise ValueError(f"rerank must be one of {RERANK_MODES}, got {rerank!r}")
+    if rerank is not None and model.config.identifier_head != "identifier":
+        raise ValueError(
+            f"rerank re-scores the beam with the identifier head's query vectors and stored image features; this "
+            "checkpoint scores identifiers with the text head ("
+            f"{'format 1' if model.config.format_version == 1 else 'config.identifier_head=text'}), which has "
+            "neither: search without rerank, or fit a model with the "
+            "identifier head (set_identifier_vocabulary(tokenizer, image_embeds=features) on a config without "
+            "identifier_head='text', then store_image_features) and train it"
+        )
     if rerank is not None and model.stored_image_features is None:
         raise ValueError(
             "rerank needs image features stored with the checkpoint, and this one has none: call "
@@ -107,8 +116,6 @@ def search(model: Any, tokenizer: Any, inputs: dict[str, torch.Tensor], top_k: i
         hits = constrained_generate(model, tokenizer, inputs, wanted, num_beams)
     if rerank is None:
         return hits
-    if encoded is None:
-        encoded = model.encode(**inputs)
     return _rerank(model, encoded.query_vectors, hits, top_k, rerank, rerank_weight)
 
 
@@ -119,7 +126,7 @@ def _rerank(model: Any, query_vectors: torch.Tensor, hits: list[list[tuple[int, 
     width = max((len(row) for row in hits), default=0)
     if width == 0:
         return [[] for _ in hits]
-    scale = float(model.identifier_head.scale) if model.identifier_head is not None else model.config.score_scale
+    scale = float(model.identifier_head.scale)  # check_rerank: only identifier-head models rerank
     indices = torch.tensor([[key for key, _ in row] + [0] * (width - len(row)) for row in hits], device=features.device)
     generative = torch.tensor([[score for _, score in row] + [0.0] * (width - len(row)) for row in hits],
                               device=features.device)

@@ -1,9 +1,12 @@
 """Fitting a model to a tokenizer's identifier vocabulary, and checking that the two belong together.
 
-Identifier types made of new tokens (numeric, structured, atomic, coarse_fine) get the identifier head: the model
-keeps the tokenizer's trie paths and one vector per trie edge (`identifier_head_gcmr.py`). Identifiers spelled with
-text tokens (string, semantic), and every checkpoint of format 1, keep the text head: the LM head over the whole
-vocabulary, resized to the tokenizer. The tokenizer object is only used through its methods: a Hub file on this
+Every identifier type gets the identifier head by default: the model keeps the tokenizer's trie paths and one vector
+per trie edge (`identifier_head_gcmr.py`). A trie edge is a token in the context of its prefix whatever the token
+is, so identifiers spelled with the text tokenizer's own pieces (string, semantic) are paths like any other and
+start, like them, as constrained inner-product search. The text head (the LM head over the whole vocabulary,
+resized to the tokenizer) is kept where the config asks for it (`GcmrConfig(identifier_head="text")`: models that
+were fitted before string and semantic identifiers moved to the identifier head say so in their config) and for
+every checkpoint of format 1. The tokenizer object is only used through its methods: a Hub file on this
 side never imports the tokenization package.
 """
 from __future__ import annotations
@@ -25,14 +28,17 @@ def set_identifier_vocabulary(model: Any, tokenizer: Any, init: str = "auto", se
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     table = tokenizer.identifier_table
     config = model.config
-    text_head = config.format_version == 1 or bool(np.any(table.unit_is_text))
+    # The config chooses: "text" stays text (old string/semantic checkpoints, users of the LM head); None or
+    # "identifier" gets the identifier head, whatever tokens the identifiers are spelled with.
+    text_head = config.format_version == 1 or config.identifier_head == "text"
     features = None if image_embeds is None else _feature_matrix(image_embeds, len(table.keys))
     if text_head:
         # With init="auto" image features are simply not used: the text head has no identifier vectors.
         if init in ("dense", "unit_vectors"):
             raise ValueError(
-                f"{table.id_type!r} identifiers are spelled with text tokens and scored by the text head, which has no "
-                "identifier vectors to initialise (from image features or unit vectors); use init='random'"
+                "this model scores identifiers with the text head (config.identifier_head='text'), which has no "
+                "identifier vectors to initialise (from image features or unit vectors); use init='random', or a "
+                "config with identifier_head=None for the identifier head"
             )
         model.resize_token_embeddings(len(tokenizer))
     else:

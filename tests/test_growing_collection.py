@@ -26,6 +26,8 @@ HEAD_TYPES = {
     "structured": dict(branching=3, leaf_size=4),
     "atomic": {},
     "numeric": {},
+    "string": {},  # text pieces, through the identifier head like the others
+    "semantic": {},
 }
 TEXT_TYPES = ("string", "semantic")
 
@@ -41,7 +43,8 @@ NEW_KEYS = [f"new{i}" for i in range(NUM_NEW)]
 CAPTIONS = synthetic_captions(NUM_OLD + NUM_NEW, seed=7)
 
 
-def _pair(id_type: str, text_tokenizer, store_features: bool = False) -> tuple[GcmrForRetrieval, ImageIdTokenizer]:
+def _pair(id_type: str, text_tokenizer, store_features: bool = False,
+          head: str | None = None) -> tuple[GcmrForRetrieval, ImageIdTokenizer]:
     options = dict(HEAD_TYPES.get(id_type, {}))
     if id_type in TEXT_TYPES:
         options["text_tokenizer"] = text_tokenizer
@@ -50,9 +53,10 @@ def _pair(id_type: str, text_tokenizer, store_features: bool = False) -> tuple[G
     tokenizer = ImageIdTokenizer(text_tokenizer, table)
     torch.manual_seed(0)
     config = GcmrConfig(text_config=dict(model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32,
-                                         d_kv=4, num_heads=4, num_layers=1), image_embed_dim=DIM)
+                                         d_kv=4, num_heads=4, num_layers=1), image_embed_dim=DIM,
+                        identifier_head=head)
     model = GcmrForRetrieval(config)
-    if id_type in TEXT_TYPES:
+    if head == "text":
         model.set_identifier_vocabulary(tokenizer, init="random")
     else:
         model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=OLD)
@@ -61,8 +65,9 @@ def _pair(id_type: str, text_tokenizer, store_features: bool = False) -> tuple[G
     return model.eval(), tokenizer
 
 
-def _image_hits(model, tokenizer, features, top_k=1, **kwargs) -> list[list[str]]:
-    hits = model.retrieve(tokenizer=tokenizer, image_embeds=features, top_k=top_k, num_beams=max(top_k, 5), **kwargs)
+def _image_hits(model, tokenizer, features, top_k=1, num_beams=5, **kwargs) -> list[list[str]]:
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=features, top_k=top_k, num_beams=max(top_k, num_beams),
+                          **kwargs)
     return [[key for key, _ in row] for row in hits]
 
 
@@ -92,10 +97,13 @@ def _assert_unchanged(before: dict, after: dict) -> None:
 def test_an_added_image_is_found_by_its_own_feature_at_once(id_type, text_tokenizer):
     model, tokenizer = _pair(id_type, text_tokenizer)
     signature, table_hash = tokenizer.identifier_signature, tokenizer.identifier_table.content_hash
-    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
-    assert _image_hits(model, tokenizer, NEW) == [[key] for key in NEW_KEYS]
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW, captions=CAPTIONS[NUM_OLD:])
+    # Text-piece paths group images by their spelling, not their features: only a beam over every identifier
+    # makes the search exact (it is, with it: every path sums to its image's feature).
+    beams = NUM_OLD + NUM_NEW if id_type in TEXT_TYPES else 5
+    assert _image_hits(model, tokenizer, NEW, num_beams=beams) == [[key] for key in NEW_KEYS]
     # the old images keep their identifiers and are still found first by their own features
-    assert _image_hits(model, tokenizer, OLD) == [[key] for key in OLD_KEYS]
+    assert _image_hits(model, tokenizer, OLD, num_beams=beams) == [[key] for key in OLD_KEYS]
     assert tokenizer.keys == tuple(OLD_KEYS + NEW_KEYS)
     assert [tokenizer.key_for(tokenizer.identifier_ids(key)) for key in NEW_KEYS] == NEW_KEYS
     assert model.config.num_identifiers == len(tokenizer.keys)
@@ -140,7 +148,7 @@ def test_coarse_fine_placement_by_the_model_or_by_the_centroids(text_tokenizer):
 
 @pytest.mark.parametrize("id_type", TEXT_TYPES)
 def test_text_head_types_grow_the_vocabulary_and_stay_on_the_trie(id_type, text_tokenizer):
-    model, tokenizer = _pair(id_type, text_tokenizer)
+    model, tokenizer = _pair(id_type, text_tokenizer, head="text")
     model.add_images(NEW_KEYS, tokenizer, captions=CAPTIONS[NUM_OLD:])
     assert model.vocab_size == len(tokenizer)
     assert [tokenizer.key_for(tokenizer.identifier_ids(key)) for key in NEW_KEYS] == NEW_KEYS
@@ -151,10 +159,13 @@ def test_text_head_types_grow_the_vocabulary_and_stay_on_the_trie(id_type, text_
     assert not {key for row in hits for key, _ in row} & set(NEW_KEYS[:2])
 
 
-def test_semantic_identifiers_need_captions(text_tokenizer):
-    model, tokenizer = _pair("semantic", text_tokenizer)
+@pytest.mark.parametrize("head", [None, "text"])
+def test_semantic_identifiers_need_captions(text_tokenizer, head):
+    model, tokenizer = _pair("semantic", text_tokenizer, head=head)
+    before = _snapshot(model, tokenizer)
     with pytest.raises(ValueError, match="pass captions="):
-        model.add_images(NEW_KEYS, tokenizer)
+        model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    _assert_unchanged(before, _snapshot(model, tokenizer))
 
 
 # ------------------------------------------------------------------------------------------------- removing

@@ -1,13 +1,16 @@
 """The identifier head scores only trie edges; its scores equal those of a full output layer over every edge.
 
+Every test runs over all six id types (string and semantic: paths of text pieces).
+
 A full head would score each step's query against every identifier edge vector (the analogue of an LM head over
 the whole vocabulary) and read off the gold path's entries. The head instead scores only the candidates' own
 edges (training with sampled candidates) or only a node's children (beam search). Both must give exactly the
 numbers the full computation gives on the same rows.
 """
+import numpy as np
 import pytest
 import torch
-from test_retrieve import HEAD_TYPES, make_model, make_tokenizer
+from test_retrieve import HEAD_TYPES, embeddings, make_model, make_tokenizer
 
 
 def full_head_logits(head, queries: torch.Tensor) -> torch.Tensor:
@@ -78,3 +81,48 @@ def test_the_loss_of_a_batch_is_the_mean_of_the_losses_of_its_halves(text_tokeni
     (first, first_grad), (second, second_grad) = loss_and_grad(slice(0, 4)), loss_and_grad(slice(4, 8))
     torch.testing.assert_close(whole, (first + second) / 2)
     torch.testing.assert_close(whole_grad, (first_grad + second_grad) / 2)
+
+
+def constrained_inner_product_search(tokenizer, features: torch.Tensor, query: torch.Tensor, num_beams: int,
+                                     top_k: int) -> list[tuple[str, float]]:
+    """The reference, written from the identifiers and features alone (no model): beam search over identifier
+    prefixes where a prefix scores the inner product of the query with the mean feature of the images below it, and
+    a complete identifier scores q . x_i; `num_beams` unfinished prefixes survive each depth."""
+    rows = [tuple(tokenizer.identifier_ids(key)) for key in tokenizer.keys]
+    beam, hits = [()], []
+    while beam:
+        extensions = {}
+        for prefix in beam:
+            for index, row in enumerate(rows):
+                if row[: len(prefix)] != prefix:
+                    continue
+                if len(row) == len(prefix):
+                    hits.append((tokenizer.keys[index], float(query @ features[index])))
+                else:
+                    extensions.setdefault(row[: len(prefix) + 1], []).append(index)
+        scored = sorted(((float(query @ features[below].mean(0)), prefix) for prefix, below in extensions.items()),
+                        reverse=True)
+        beam = [prefix for _, prefix in scored[:num_beams]]
+    return sorted(hits, key=lambda hit: -hit[1])[:top_k]
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_step_zero_is_constrained_inner_product_search_for_every_id_type(text_tokenizer, caption_corpus, id_type):
+    """Before any training step (dense-aware edge vectors, no decoder correction) the trie beam search is exactly
+    the reference above: same hits, same order, scores scale * q . x_i. With a beam over every identifier it is
+    exact inner-product search over the whole collection."""
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type, count=30)
+    model = make_model(tokenizer, trained_decoder=False)
+    features = torch.as_tensor(embeddings(30))
+    queries = torch.nn.functional.normalize(torch.randn(6, features.shape[1], generator=torch.Generator().manual_seed(5)),
+                                            dim=-1)
+    scale = model.identifier_head.scale.item()
+    for num_beams, top_k in ((3, 3), (30, 5)):
+        hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=top_k, num_beams=num_beams)
+        for query, row in zip(queries, hits):
+            expected = constrained_inner_product_search(tokenizer, features, query, num_beams, top_k)
+            assert [key for key, _ in row] == [key for key, _ in expected]
+            np.testing.assert_allclose([s for _, s in row], [scale * s for _, s in expected], rtol=1e-4, atol=1e-4)
+        if num_beams == 30:
+            brute = torch.topk(queries @ features.T, top_k).indices
+            assert [[tokenizer.keys.index(key) for key, _ in row] for row in hits] == brute.tolist()

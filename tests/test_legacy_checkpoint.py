@@ -36,6 +36,8 @@ def test_format_1_checkpoint_loads_and_answers_as_before():
     assert_same_hits(model.retrieve(want["queries"], tokenizer, top_k=3, num_beams=4), want["text"])
     images = torch.tensor(want["image_queries"])
     assert_same_hits(model.retrieve(tokenizer=tokenizer, image_embeds=images, top_k=2, num_beams=3), want["image"])
+    with pytest.raises(ValueError, match=r"rerank re-scores .* text head \(format 1\)"):
+        model.retrieve(want["queries"], tokenizer, rerank="features")
 
 
 def test_format_1_checkpoint_loads_through_todays_remote_code(tmp_path):

@@ -285,7 +285,7 @@ def retriever(tokenizer, seed: int = 0, **kwargs) -> GcmrForRetrieval:
 
 
 def semantic_tokenizer(make_id_tokenizer, text_tokenizer, num_keys: int = 10):
-    """Identifiers spelled with text pieces: the text head keeps scoring them."""
+    """Identifiers spelled with text pieces (semantic)."""
     from conftest import synthetic_captions
     from tokenization_gcmr import build_identifiers
 
@@ -313,15 +313,27 @@ def test_identifier_head_takes_the_tries_paths_and_records_the_vocabulary(make_i
     assert type(model.config.max_identifier_length) is int
 
 
+def test_text_pieces_get_the_identifier_head_unless_the_config_asks_for_the_text_head(make_id_tokenizer,
+                                                                                      text_tokenizer):
+    tokenizer = semantic_tokenizer(make_id_tokenizer, text_tokenizer)
+    model = _text_vocab_model(tokenizer)
+    model.set_identifier_vocabulary(tokenizer)
+    assert model.config.identifier_head == "identifier"
+    np.testing.assert_array_equal(model.identifier_head.paths.numpy(),
+                                  tokenizer.prefix_trie.paths(tokenizer.identifier_token_rows))
+    # the encoder keeps its text vocabulary; no LM head is grown for identifiers
+    assert model.get_input_embeddings().weight.shape[0] == tokenizer.num_text_tokens
+
+
 def test_text_head_resizes_every_token_matrix(make_id_tokenizer, text_tokenizer):
     tokenizer = semantic_tokenizer(make_id_tokenizer, text_tokenizer)
     for backbone in ("t5", "encoder_decoder"):
-        model = _text_vocab_model(tokenizer, backbone=backbone)
+        model = _text_vocab_model(tokenizer, backbone=backbone, identifier_head="text")
         model.set_identifier_vocabulary(tokenizer)
         assert model.config.identifier_head == "text" and model.identifier_head is None
         assert model.vocab_size == len(tokenizer)
         assert all(w.shape[0] == len(tokenizer) for w in model.token_embedding_weights())
-        with pytest.raises(ValueError, match="spelled with text tokens"):
+        with pytest.raises(ValueError, match="scores identifiers with the text head"):
             model.set_identifier_vocabulary(tokenizer, init="dense")
 
 

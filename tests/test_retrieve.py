@@ -24,8 +24,10 @@ ID_TYPE_OPTIONS = {
     "semantic": {"text_tokenizer": True, "max_length": 3},  # text pieces, variable length
     "coarse_fine": {"num_coarse": 3, "num_levels": 2, "codebook_size": 4},
     "numeric": {},
+    "string": {"text_tokenizer": True},  # the running index in text pieces
 }
-HEAD_TYPES = ["atomic", "structured", "coarse_fine", "numeric"]
+# Every id type goes through the identifier head (string and semantic: trie paths of text pieces).
+HEAD_TYPES = ["atomic", "structured", "coarse_fine", "numeric", "string", "semantic"]
 
 
 def embeddings(count=NUM_IMAGES):

@@ -136,6 +136,10 @@ class PrefixTrie:
     Built with `from_sequences`; `on(device)` gives the tensors and walks used by decoding and lookups.
     """
 
+    # The identifier vocabulary this trie spells (set by its tokenizer): lets a model refuse a trie that walks
+    # another tokenizer's identifiers (a `PrefixTrieLogitsProcessor` given to `generate()`).
+    identifier_signature: str | None = None
+
     def __init__(
         self,
         offsets: np.ndarray,

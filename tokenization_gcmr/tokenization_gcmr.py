@@ -5,8 +5,7 @@ units ``[V_text, V_text + n_new)``. Query text is encoded exactly as the text to
 (normalizer, pre-tokenizer, model and post-processor all come from its ``tokenizers.Tokenizer``);
 identifiers map to token ids through a unit -> id array, and back through the prefix trie.
 
-This file is copied flat into checkpoints (Hub custom code): it imports its siblings only as
-``from .name import X``.
+Copied flat into checkpoints (Hub custom code): it imports its siblings only as ``from .name import X``.
 """
 from __future__ import annotations
 
@@ -318,6 +317,7 @@ class ImageIdTokenizer(PreTrainedTokenizer):
             removed = ~self._table.live_mask()
             if removed.any():
                 trie.remove_identifiers(trie.paths(self.identifier_token_rows[removed]))
+            trie.identifier_signature = self.identifier_signature  # apply_edit keeps it current
             self._trie = trie
         return self._trie
 
@@ -335,7 +335,6 @@ class ImageIdTokenizer(PreTrainedTokenizer):
         return tuple(key for key, live in zip(self._table.keys, self._table.live_mask()) if live)
 
     # --- collection edits (identifier_edits.py; model.add_images / remove_images edit model and tokenizer together)
-
     def prepare_add(self, keys: Sequence[str], image_embeds: Any = None, captions: Any = None,
                     edge_vectors: np.ndarray | None = None, neighbors: np.ndarray | None = None) -> CollectionEdit:
         """The tokenizer half of `model.add_images` (use that): new identifiers for `keys`, nothing changed until
@@ -368,6 +367,8 @@ class ImageIdTokenizer(PreTrainedTokenizer):
             if self._trie is not None:
                 self._trie.remove_identifiers(edit.removed_paths)
         self._signature = edit.signature
+        if self._trie is not None:  # a processor may hold this very trie
+            self._trie.identifier_signature = edit.signature
 
     @property
     def identifier_signature(self) -> str:
