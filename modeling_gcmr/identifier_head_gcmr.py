@@ -40,6 +40,8 @@ from torch import nn
 # Up to this many identifiers the softmax covers them all; beyond, the gold rows and a uniform sample of this
 # many (B x T x edges scores would not fit a training step at a million identifiers).
 FULL_SOFTMAX_LIMIT = 32_768
+# Rows per chunk when edge vectors start from features (bounds the scratch memory at any collection size).
+INIT_CHUNK = 16_384
 
 
 class IdentifierHead(nn.Module):
@@ -91,19 +93,23 @@ class IdentifierHead(nn.Module):
         `features` (N, D) follows the identifier rows. Depth by depth, each edge takes the mean of what is left
         of the features below it; the EOS edge, unique to its identifier, takes the rest.
         """
-        paths = self.paths.long()
-        left = features.to(self.edge_vectors.device, torch.float32).clone()
-        vectors = torch.zeros_like(self.edge_vectors, dtype=torch.float32)
-        for depth in range(paths.shape[1]):
-            edges = paths[:, depth]
+        # Depth by depth, chunk by chunk, in place: what is left of a row is recomputed from its path (at most
+        # max_length gathers) instead of kept, so no (N x D) copy of the features and no (edges x D) scratch matrix
+        # (6 GB per depth at a million identifiers) is ever held.
+        vectors = self.edge_vectors
+        vectors.zero_()
+        for depth in range(self.paths.shape[1]):
+            edges = self.paths[:, depth].long()
             rows = torch.nonzero(edges >= 0).squeeze(-1)
-            sums = torch.zeros_like(vectors).index_add_(0, edges[rows], left[rows])
-            counts = torch.zeros(len(vectors), device=vectors.device).index_add_(
-                0, edges[rows], torch.ones(len(rows), device=vectors.device))
-            touched = counts > 0
-            vectors[touched] = sums[touched] / counts[touched, None]
-            left[rows] -= vectors[edges[rows]]
-        self.edge_vectors.copy_(vectors)
+            unique, inverse = torch.unique(edges[rows], return_inverse=True)
+            sums = torch.zeros(len(unique), vectors.shape[1], device=vectors.device)
+            for start in range(0, len(rows), INIT_CHUNK):
+                chunk = rows[start : start + INIT_CHUNK]
+                left = features[chunk.to(features.device)].to(vectors.device, torch.float32)
+                left -= vectors[self.paths[chunk, :depth].long()].sum(dim=1)
+                sums.index_add_(0, inverse[start : start + INIT_CHUNK], left)
+            sums /= torch.bincount(inverse, minlength=len(unique)).to(sums)[:, None]
+            vectors[unique] = sums.to(vectors.dtype)
 
     @torch.no_grad()
     def initialize_from_tokens(self, token_vectors: torch.Tensor, edge_tokens: torch.Tensor) -> None:
