@@ -11,7 +11,8 @@ captions, and a tiny model (so the figures are the collection-size-dependent cos
   save      `save_retriever(model, tokenizer, folder)`; checkpoint size on disk
   load      `AutoModel.from_pretrained` + `AutoTokenizer.from_pretrained` (trust_remote_code=True) in a fresh process
   retrieve  `model.retrieve(texts, tokenizer, top_k=10, num_beams=10, batch_size=64)`: ms per query
-  add       `model.add_images` of 10,000 new images (default placement "model"); `remove` of 10,000
+  add       `model.add_images` of 10,000 new images with placement="centroids" (the tokenizer's nearest codes), then
+            1,000 with the default placement="model" (one beam search per image: ms per image); `remove` of 10,000
 
 Each (id_type, size) runs in two subprocesses (build..save, then load..remove), so a step's peak RSS is its own:
 before every step the process resets its peak (`/proc/self/clear_refs` 5) and reads `VmHWM` after it.
@@ -35,6 +36,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -52,6 +54,7 @@ DIM = 512
 CLUSTERS = 1000
 BATCH = 64
 EDIT = 10_000
+ROUTED = 1_000  # images added with placement='model' (one beam search each)
 QUERIES = 256
 WORDS = ("red", "blue", "green", "small", "large", "dog", "cat", "car", "tree", "house", "beach", "street", "man",
          "woman", "child", "ball", "boat", "sky", "field", "city")
@@ -107,7 +110,7 @@ def captions(count: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the two halves
-def build_half(id_type: str, size: int, folder: Path, max_train_steps: int) -> dict:
+def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float) -> dict:
     import torch
 
     from modeling_gcmr import GcmrConfig, GcmrForRetrieval
@@ -137,7 +140,15 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int) -> d
     train_steps = min(epoch_steps, max_train_steps)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(0))[: train_steps * BATCH]
     labels = tokenizer.encode_identifiers([keys[i] for i in order.tolist()])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # AdamW holds a gradient and two moments per parameter: where that cannot fit, say so instead of swapping.
+    needed = _status("VmRSS") + 3 * sum(p.numel() * p.element_size() for p in trained) + (1 << 30)
+    if needed > rss_limit:
+        steps.results["train_skipped"] = (f"AdamW over {sum(p.numel() for p in trained) / 1e6:.0f}M parameters "
+                                          f"needs ~{needed / 1e9:.1f} GB (limit {rss_limit / 1e9:.1f} GB)")
+        print(f"  train: skipped, {steps.results['train_skipped']}", flush=True)
+        train_steps = 0
+    optimizer = torch.optim.AdamW(trained, lr=1e-3)
     model.train()
     with steps.step("train"):
         for step in range(train_steps):
@@ -151,8 +162,9 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int) -> d
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    steps.results.update(train_steps=train_steps, train_full_epoch=train_steps == epoch_steps,
-                         train_examples_per_second=train_steps * BATCH / steps.results["train_seconds"])
+    steps.results.update(train_steps=train_steps, train_full_epoch=train_steps == epoch_steps)
+    if train_steps:
+        steps.results["train_examples_per_second"] = train_steps * BATCH / steps.results["train_seconds"]
     del optimizer, labels
     model.eval()
     shutil.rmtree(folder, ignore_errors=True)
@@ -183,10 +195,13 @@ def serve_half(id_type: str, size: int, folder: Path) -> dict:
                                   show_progress=False)
     steps.results["retrieve_ms_per_query"] = 1000 * steps.results["retrieve_seconds"] / QUERIES
     steps.results["retrieve_hits_per_query"] = float(np.mean([len(row) for row in hits]))
-    new = features(EDIT, seed=3)
-    new_keys = [f"new{i}" for i in range(EDIT)]
+    new = features(EDIT + ROUTED, seed=3)
+    new_keys = [f"new{i}" for i in range(EDIT + ROUTED)]
     with steps.step("add"):
-        model.add_images(new_keys, tokenizer, image_embeds=new)
+        model.add_images(new_keys[:EDIT], tokenizer, image_embeds=new[:EDIT], placement="centroids")
+    with steps.step("add_model_placement"):
+        model.add_images(new_keys[EDIT:], tokenizer, image_embeds=new[EDIT:])
+    steps.results["add_model_placement_ms_per_image"] = 1000 * steps.results["add_model_placement_seconds"] / ROUTED
     with steps.step("remove"):
         model.remove_images([f"img{i}" for i in range(0, size, max(1, size // EDIT))][:EDIT], tokenizer)
     own = model.retrieve(tokenizer=tokenizer, image_embeds=new[:100], top_k=1, num_beams=10, show_progress=False)
@@ -196,20 +211,54 @@ def serve_half(id_type: str, size: int, folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
-def run_one(id_type: str, size: int, work: Path, max_train_steps: int) -> dict:
+def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
+    """Run a worker, echo its lines, and kill it (by its own pid) if its RSS passes `rss_limit` bytes."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines: list[str] = []
+    killed = ""
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    errors: list[str] = []
+    err_reader = threading.Thread(target=lambda: errors.extend(iter(process.stderr.readline, "")), daemon=True)
+    err_reader.start()
+    shown = 0
+    while process.poll() is None:
+        time.sleep(0.5)
+        try:
+            with open(f"/proc/{process.pid}/status", encoding="ascii") as handle:
+                rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            rss = 0
+        if rss > rss_limit and not killed:
+            killed = f"killed at {rss / 1e9:.1f} GB RSS (limit {rss_limit / 1e9:.1f} GB)"
+            process.kill()
+        for line in lines[shown:]:
+            sys.stdout.write(line)
+        shown = len(lines)
+    reader.join()
+    err_reader.join()
+    sys.stdout.writelines(lines[shown:])
+    sys.stdout.flush()
+    return process.returncode, "".join(lines), killed or "".join(errors)
+
+
+def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float) -> dict:
     folder = work / f"{id_type}_{size}"
     result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM}
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
-                   "--work", str(work), "--max_train_steps", str(max_train_steps)]
+                   "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb)]
+        result[f"{half}_load_average_before"] = os.getloadavg()[0]
         print(f"{id_type} {size:,} {half} (load {os.getloadavg()[0]:.1f})", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        sys.stdout.write(done.stdout)
-        if done.returncode:
-            sys.stderr.write(done.stderr[-4000:])
-            result[f"{half}_error"] = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        code, out, error = _watch(command, rss_limit_gb * 1e9)
+        if code:
+            sys.stderr.write(error[-4000:])
+            last_step = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")]
+            result[f"{half}_error"] = (error.strip().splitlines() or ["failed"])[-1] + (
+                f" (after step {last_step[-1]})" if last_step else "")
             break
-        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        result.update(json.loads(out.strip().splitlines()[-1]))
     result["load_average"] = os.getloadavg()[0]
     shutil.rmtree(folder, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -233,7 +282,7 @@ def table(results: list[dict]) -> str:
         peaks = {name: r.get(f"{name}_peak_rss_gb") for name in ("build", "fit", "train", "save", "load", "retrieve",
                                                                   "add", "remove")}
         worst = max(((v, k) for k, v in peaks.items() if v is not None), default=(None, "-"))
-        train = "-" if "train_examples_per_second" not in r else (
+        train = "skipped (memory)" if r.get("train_skipped") else "-" if "train_examples_per_second" not in r else (
             f"{r['train_examples_per_second']:.0f}" + ("" if r["train_full_epoch"] else f" ({r['train_steps']} steps)"))
         rows.append([r["id_type"], f"{r['size']:,}", _seconds(r.get("build_seconds")), _seconds(r.get("fit_seconds")),
                      train, _seconds(r.get("save_seconds")), _seconds(r.get("load_seconds")),
@@ -343,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="Memorize steps timed at most (a full epoch when it is shorter).")
     parser.add_argument("--work", default=str(REPO / "benchmarks" / "results" / "scale_work"),
                         help="Where checkpoints are written (removed after each run).")
+    parser.add_argument("--rss_limit_gb", type=float, default=11.0,
+                        help="A worker past this RSS is killed (the machine is shared); training that would pass it "
+                        "is skipped and said so.")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--worker", choices=("build", "serve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -352,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         folder = work / f"{id_types[0]}_{sizes[0]}"
         if args.worker == "build":
-            result = build_half(id_types[0], sizes[0], folder, args.max_train_steps)
+            result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9)
         else:
             result = serve_half(id_types[0], sizes[0], folder)
         print(json.dumps(result))
@@ -361,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for size in sizes:
             for id_type in id_types:
-                run_one(id_type, size, work, args.max_train_steps)
+                run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb)
     report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
 
 

@@ -1,0 +1,58 @@
+"""What keeps the user path linear in the collection size (issue 16); `benchmarks/scale.py` measures it at 1M."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import modeling_gcmr.identifier_head_gcmr as identifier_head_gcmr
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+DIM = 8
+
+
+def _model_and_features(text_tokenizer, id_type: str, count: int = 300):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, DIM))
+    features = (centres[rng.integers(0, 6, count)] + 0.3 * rng.normal(size=(count, DIM))).astype(np.float32)
+    options = dict(num_coarse=4, num_levels=2, codebook_size=3, fine_quantizer="residual_kmeans") \
+        if id_type == "coarse_fine" else dict(branching=3, leaf_size=4) if id_type == "structured" else {}
+    table = build_identifiers([f"k{i}" for i in range(count)], id_type, embeddings=features, seed=0, **options)
+    tokenizer = ImageIdTokenizer(text_tokenizer, table)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), image_embed_dim=DIM,
+        identifier_dim=DIM))
+    return model, tokenizer, features
+
+
+def _reference_edge_vectors(paths: torch.Tensor, features: torch.Tensor, num_edges: int) -> torch.Tensor:
+    """The documented start, written plainly: depth by depth, each edge = mean of what is left of its rows."""
+    left = features.double().clone()
+    vectors = torch.zeros(num_edges, features.shape[1], dtype=torch.float64)
+    for depth in range(paths.shape[1]):
+        for edge in paths[:, depth].unique().tolist():
+            if edge < 0:
+                continue
+            rows = paths[:, depth] == edge
+            vectors[edge] = left[rows].mean(dim=0)
+            left[rows] -= vectors[edge]
+    return vectors
+
+
+@pytest.mark.parametrize("id_type", ["coarse_fine", "structured", "atomic"])
+@pytest.mark.parametrize("chunk", [7, identifier_head_gcmr.INIT_CHUNK])
+def test_edge_vectors_start_as_documented_whatever_the_chunk_size(text_tokenizer, monkeypatch, id_type, chunk):
+    monkeypatch.setattr(identifier_head_gcmr, "INIT_CHUNK", chunk)
+    model, tokenizer, features = _model_and_features(text_tokenizer, id_type)
+    untouched = features.copy()
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    head = model.identifier_head
+    paths = head.paths.long()
+    assert paths.shape[1] > 2 or id_type == "atomic"  # several depths, where the type has them
+    expected = _reference_edge_vectors(paths, torch.from_numpy(features), head.edge_vectors.shape[0])
+    torch.testing.assert_close(head.edge_vectors.detach().double(), expected, atol=1e-5, rtol=1e-5)
+    sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
+    torch.testing.assert_close(sums, torch.from_numpy(features), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(features, untouched)  # the caller's features are read, never written
