@@ -94,22 +94,24 @@ class IdentifierHead(nn.Module):
         of the features below it; the EOS edge, unique to its identifier, takes the rest.
         """
         # Depth by depth, chunk by chunk, in place: what is left of a row is recomputed from its path (at most
-        # max_length gathers) instead of kept, so no (N x D) copy of the features and no (edges x D) scratch matrix
-        # (6 GB per depth at a million identifiers) is ever held.
+        # max_length gathers) instead of kept, and an edge's sum builds up in its own (still zero) row, so nothing
+        # of size (N x D) or (edges x D) is held besides the vectors themselves (at a million identifiers each
+        # such scratch matrix was 2 to 6 GB).
         vectors = self.edge_vectors
         vectors.zero_()
         for depth in range(self.paths.shape[1]):
             edges = self.paths[:, depth].long()
             rows = torch.nonzero(edges >= 0).squeeze(-1)
-            unique, inverse = torch.unique(edges[rows], return_inverse=True)
-            sums = torch.zeros(len(unique), vectors.shape[1], device=vectors.device)
             for start in range(0, len(rows), INIT_CHUNK):
                 chunk = rows[start : start + INIT_CHUNK]
                 left = features[chunk.to(features.device)].to(vectors.device, torch.float32)
                 left -= vectors[self.paths[chunk, :depth].long()].sum(dim=1)
-                sums.index_add_(0, inverse[start : start + INIT_CHUNK], left)
-            sums /= torch.bincount(inverse, minlength=len(unique)).to(sums)[:, None]
-            vectors[unique] = sums.to(vectors.dtype)
+                vectors.index_add_(0, edges[chunk], left.to(vectors.dtype))
+            counts = torch.bincount(edges[rows], minlength=len(vectors))
+            touched = torch.nonzero(counts).squeeze(-1)
+            for start in range(0, len(touched), INIT_CHUNK):
+                part = touched[start : start + INIT_CHUNK]
+                vectors[part] /= counts[part, None].to(vectors.dtype)
 
     @torch.no_grad()
     def initialize_from_tokens(self, token_vectors: torch.Tensor, edge_tokens: torch.Tensor) -> None:
