@@ -79,12 +79,24 @@ class IdentifierHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
-    def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int) -> None:
-        """Point the head at a new identifier table and trie (sizes change; edge vectors restart at zero)."""
+    def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int,
+                        vectors: torch.Tensor | None = None) -> None:
+        """Point the head at a new identifier table and trie (sizes change; edge vectors restart at zero, or are
+        `vectors` (num_edges, D), which the head then owns)."""
         self.paths = paths.to(self.paths.device, torch.int32)
         self.token_rows = token_rows.to(self.token_rows.device, torch.int32)
-        self.edge_vectors = nn.Parameter(self.edge_vectors.new_zeros(num_edges, self.edge_vectors.shape[1]))
         self._row_index_cache = None
+        if vectors is None and self.edge_vectors.shape[0] == num_edges:
+            self.edge_vectors.zero_()
+            return
+        # The old vectors go before the new ones exist: at a million identifiers each set is gigabytes.
+        empty = self.edge_vectors.new_empty(0, self.edge_vectors.shape[1])
+        requires_grad = self.edge_vectors.requires_grad
+        self.edge_vectors = nn.Parameter(empty, requires_grad=requires_grad)
+        if vectors is None:
+            self.edge_vectors = nn.Parameter(empty.new_zeros(num_edges, empty.shape[1]))
+        else:
+            self.edge_vectors = nn.Parameter(vectors.to(empty.device), requires_grad=requires_grad)
 
     @torch.no_grad()
     def initialize_from_features(self, features: torch.Tensor) -> None:
