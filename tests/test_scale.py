@@ -56,3 +56,30 @@ def test_edge_vectors_start_as_documented_whatever_the_chunk_size(text_tokenizer
     sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
     torch.testing.assert_close(sums, torch.from_numpy(features), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(features, untouched)  # the caller's features are read, never written
+
+
+def test_set_identifiers_keeps_no_second_set_of_edge_vectors(text_tokenizer):
+    model, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=120)
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    head = model.identifier_head
+    paths, rows, edges = head.paths.clone(), head.token_rows.clone(), head.edge_vectors.shape[0]
+    storage = head.edge_vectors.data_ptr()
+    head.set_identifiers(paths, rows, edges)  # same size: the same memory, zeroed
+    assert head.edge_vectors.data_ptr() == storage and not head.edge_vectors.any()
+    grown = torch.randn(edges + 5, DIM)
+    head.set_identifiers(paths, rows, edges + 5, grown)  # given vectors: owned as they are, not copied
+    assert head.edge_vectors.data_ptr() == grown.data_ptr() and head.edge_vectors.requires_grad
+    head.edge_vectors.requires_grad_(False)
+    head.set_identifiers(paths, rows, edges)
+    assert head.edge_vectors.shape == (edges, DIM) and not head.edge_vectors.any()
+
+
+def test_added_images_start_at_their_features_after_the_head_takes_the_grown_vectors(text_tokenizer):
+    model, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=100)
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    new = features[:20] + np.float32(0.05) * np.random.default_rng(1).normal(size=(20, DIM)).astype(np.float32)
+    model.add_images([f"n{i}" for i in range(len(new))], tokenizer, image_embeds=new, placement="centroids")
+    head = model.identifier_head
+    paths = head.paths.long()[-len(new):]
+    sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
+    torch.testing.assert_close(sums, torch.from_numpy(new), atol=1e-4, rtol=1e-4)
