@@ -376,6 +376,41 @@ def targets(results: list[dict]) -> str:
     return markdown_table(["target (coarse_fine)", "measured", ""], rows) if rows else ""
 
 
+FINDINGS = """### What the runs showed, and what was done
+
+Fixed (each with a test in `tests/test_scale.py` or `tests/test_checkpoint_safety.py`):
+- The vocabulary fit at 1M was killed at 11 GB RSS: the identifier head's edge vectors (2.1M trie edges x 512
+  floats = 4.4 GB) existed twice (built at the config's size, then replaced by a zero set), and the dense start
+  allocated an (edges x D) scratch matrix per depth plus a copy of the features. Now one set is filled in place in
+  chunks of 16k rows; nothing else of size (images x D) or (edges x D) is allocated.
+- `add_images` held three sets of edge vectors at once (old, grown, and a zero set): now the head takes the grown
+  set directly (two).
+- A save that runs out of disk (`ENOSPC`, `EFBIG`, `EDQUOT`) raises `DiskFullError` naming the checkpoint folder;
+  the old checkpoint stays byte for byte and no staging folder is left (tested with `RLIMIT_FSIZE` in a child).
+- Loading memory-maps the weights (safetensors): the load step's peak RSS stays far below the checkpoint size.
+
+Not fixed (why):
+- Training step cost grows with the number of trie edges, so an epoch grows as N^2: in backward, each of the ~15
+  lookups of edge vectors per step (decoder inputs, the sampled candidates' paths, hard negatives) materialises a
+  dense (edges x D) gradient (at 100k, 33 s of a 37 s step under load 13 were `IndexBackward`/`fill_`), and AdamW
+  updates every edge vector every step. At 1M AdamW's gradient and two moments (3 x 4.4 GB) do not fit beside the
+  model, so the 1M training step is skipped and said so. The remedy is one gather per step with a sparse gradient
+  and a lazy (row-wise) Adam for the edge vectors: a change of the training head and of the Trainer's optimizer.
+- The checkpoint is about (edges per image + 1) x the stored features: one 512-d vector per trie edge (about 2.1
+  per image, each identifier's EOS edge included) plus the stored features. 1.5x needs fewer stored floats per
+  image (half-precision vectors, or shared/low-rank leaf vectors): a checkpoint format change.
+- Peak RSS at 1M is features + edge vectors (2 GB + 4.4 GB) plus the step's work: above 3x the raw features for the
+  same reason.
+- Retrieval per query grows from 10k to 100k because the trie's fan-out grows until the codebook size (256) caps
+  it; past that the work per beam step is bounded.
+- `add_images` with the default `placement="model"` runs one beam search per new image (ms per image in the
+  results); `placement="centroids"` is the bulk path timed as "add 10k". Each add rebuilds the trie and the head's
+  vectors (edge numbers change), so its cost has an O(collection) part.
+- Identifier building at 1M is i16a's streamed build (issue 16, bounded memory); the figures here are the in-memory
+  `build_identifiers` of this revision.
+"""
+
+
 def report(command: str) -> None:
     results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(RESULTS.glob("*.json"))]
     results.sort(key=lambda r: (r["id_type"], r["size"]))
@@ -393,6 +428,7 @@ def report(command: str) -> None:
         table(results),
         targets(results),
         "![cost against collection size](scale.png)",
+        FINDINGS,
     ] if part)
     write_section(DOC_PATH, "scale", text, "# Benchmarks\n")
     print(table(results))

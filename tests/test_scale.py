@@ -83,3 +83,25 @@ def test_added_images_start_at_their_features_after_the_head_takes_the_grown_vec
     paths = head.paths.long()[-len(new):]
     sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
     torch.testing.assert_close(sums, torch.from_numpy(new), atol=1e-4, rtol=1e-4)
+
+
+def test_images_added_under_one_identifier_take_the_free_uniqueness_tokens_in_order(text_tokenizer):
+    _, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=100)
+    old = tokenizer.identifier_table
+    copies = np.concatenate([np.repeat(features[:1], 4, axis=0), np.repeat(features[1:2], 3, axis=0)])
+    edit = tokenizer.prepare_add([f"n{i}" for i in range(len(copies))], copies)
+
+    def spelled(table, row: int) -> tuple:
+        return tuple(table.units[code] for code in table.codes[row] if code >= 0)
+
+    taken = {spelled(old, row) for row in range(len(old.keys))}
+    new = [spelled(edit.table, row) for row in edit.rows]
+    for identifier in new:  # what probing j = 0, 1, ... row by row gives: the smallest free <u_j>, in row order
+        base = identifier[:-1] if identifier[-1].startswith("<u_") else identifier
+        j = 0
+        while (base + (f"<u_{j}>",) if base in taken or j else base) in taken:
+            j += 1
+        expected = base if base not in taken else base + (f"<u_{j}>",)
+        assert identifier == expected
+        taken.add(identifier)
+    assert len(set(new)) == len(new)
