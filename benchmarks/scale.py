@@ -412,7 +412,8 @@ Not fixed (why):
   the same reason. The fit step still peaks at 11.0 GB at 1M, ~3.6 GB above what it keeps; that transient was not
   located in this run.
 - Retrieval per query grows from 10k to 100k because the trie's fan-out grows until the codebook size (256) caps
-  it; past that the work per beam step is bounded.
+  it; past that the work per beam step is bounded. Atomic identifiers have one token per image, so the first beam
+  step scores every identifier: their retrieval grows linearly with the collection by construction.
 - `add_images` with the default `placement="model"` runs one beam search per new image (ms per image in the
   results); `placement="centroids"` is the bulk path timed as "add 10k". Each add rebuilds the trie and the head's
   vectors (edge numbers change), so its cost has an O(collection) part.
