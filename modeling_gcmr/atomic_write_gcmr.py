@@ -45,6 +45,35 @@ _LEFTOVER = re.compile(r"^\.(?:(?P<target>.+)\.)?gcmr-(?P<kind>staging|old|trash
 _SHARD = re.compile(r"^(?P<stem>.+)-\d{5}-of-\d{5}\.safetensors$")
 
 
+# Out of space (ENOSPC), past a file-size limit (EFBIG) or over a quota (EDQUOT); safetensors reports them as text.
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL_TEXT = re.compile(r"os error (?:%s)\b" % "|".join(str(code) for code in _DISK_FULL))
+
+
+class DiskFullError(OSError):
+    """A save ran out of disk space (or past a file-size limit or quota); the target folder is unchanged."""
+
+    def __init__(self, code: int, folder: Path, detail: str) -> None:
+        super().__init__(code, f"{os.strerror(code)} while saving to {folder} ({detail}); nothing of this save was "
+                         f"kept and {folder} is as it was before: free some space and save again")
+        self.detail = detail
+
+
+@contextmanager
+def _naming_a_full_disk(folder: Path) -> Iterator[None]:
+    """Re-raise a write that failed for lack of space as a DiskFullError naming `folder` (the outermost one)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        code = getattr(error, "errno", None)
+        found = _DISK_FULL_TEXT.search(str(error))
+        if code not in _DISK_FULL and not found:
+            raise
+        code = code if code in _DISK_FULL else int(found.group(0).split()[-1])
+        detail = error.detail if isinstance(error, DiskFullError) else f"{type(error).__name__}: {error}"
+        raise DiskFullError(code, folder, detail) from error
+
+
 # -------------------------------------------------------------------------------------------------- permissions
 def _umask() -> int:
     # /proc first: os.umask(x) to read it would briefly change it for every other thread.
@@ -318,8 +347,9 @@ def replacing_folder(folder: str | os.PathLike, keep: Callable[[str], bool] | No
     staging = _leftover_path(folder, "staging")
     staging.mkdir()
     try:
-        yield staging
-        swap_into_place(staging, folder, keep)
+        with _naming_a_full_disk(folder):
+            yield staging
+            swap_into_place(staging, folder, keep)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -354,8 +384,9 @@ def save_staged(save: Callable[..., Any], save_directory: str | os.PathLike, *ar
     staging = _leftover_path(directory, "staging", inside=True)
     staging.mkdir()
     try:
-        result = save(staging, *args, **kwargs)
-        _seal(staging)
+        with _naming_a_full_disk(directory):
+            result = save(staging, *args, **kwargs)
+            _seal(staging)
         names = sorted(os.listdir(staging), key=_move_order)
         for name in names:
             os.replace(staging / name, directory / name)

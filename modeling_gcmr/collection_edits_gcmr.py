@@ -26,7 +26,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 # Identifiers sampled to fit the feature -> trained path-sum map, and its pull towards the identity (per row).
 MAP_SAMPLE = 20_000
@@ -69,8 +68,7 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
     config = model.config
     if grown is not None:
         paths, token_rows, vectors = grown
-        head.set_identifiers(paths, token_rows, vectors.shape[0])
-        head.edge_vectors = nn.Parameter(vectors, requires_grad=head.edge_vectors.requires_grad)
+        head.set_identifiers(paths, token_rows, vectors.shape[0], vectors)
         config.num_identifiers, config.num_identifier_edges = int(paths.shape[0]), int(vectors.shape[0])
         if stored is not None:
             del model.image_features

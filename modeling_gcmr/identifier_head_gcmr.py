@@ -40,6 +40,8 @@ from torch import nn
 # Up to this many identifiers the softmax covers them all; beyond, the gold rows and a uniform sample of this
 # many (B x T x edges scores would not fit a training step at a million identifiers).
 FULL_SOFTMAX_LIMIT = 32_768
+# Rows per chunk when edge vectors start from features (bounds the scratch memory at any collection size).
+INIT_CHUNK = 16_384
 
 
 class IdentifierHead(nn.Module):
@@ -77,12 +79,24 @@ class IdentifierHead(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
-    def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int) -> None:
-        """Point the head at a new identifier table and trie (sizes change; edge vectors restart at zero)."""
+    def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int,
+                        vectors: torch.Tensor | None = None) -> None:
+        """Point the head at a new identifier table and trie (sizes change; edge vectors restart at zero, or are
+        `vectors` (num_edges, D), which the head then owns)."""
         self.paths = paths.to(self.paths.device, torch.int32)
         self.token_rows = token_rows.to(self.token_rows.device, torch.int32)
-        self.edge_vectors = nn.Parameter(self.edge_vectors.new_zeros(num_edges, self.edge_vectors.shape[1]))
         self._row_index_cache = None
+        if vectors is None and self.edge_vectors.shape[0] == num_edges:
+            self.edge_vectors.zero_()
+            return
+        # The old vectors go before the new ones exist: at a million identifiers each set is gigabytes.
+        empty = self.edge_vectors.new_empty(0, self.edge_vectors.shape[1])
+        requires_grad = self.edge_vectors.requires_grad
+        self.edge_vectors = nn.Parameter(empty, requires_grad=requires_grad)
+        if vectors is None:
+            self.edge_vectors = nn.Parameter(empty.new_zeros(num_edges, empty.shape[1]))
+        else:
+            self.edge_vectors = nn.Parameter(vectors.to(empty.device), requires_grad=requires_grad)
 
     @torch.no_grad()
     def initialize_from_features(self, features: torch.Tensor) -> None:
@@ -91,19 +105,25 @@ class IdentifierHead(nn.Module):
         `features` (N, D) follows the identifier rows. Depth by depth, each edge takes the mean of what is left
         of the features below it; the EOS edge, unique to its identifier, takes the rest.
         """
-        paths = self.paths.long()
-        left = features.to(self.edge_vectors.device, torch.float32).clone()
-        vectors = torch.zeros_like(self.edge_vectors, dtype=torch.float32)
-        for depth in range(paths.shape[1]):
-            edges = paths[:, depth]
+        # Depth by depth, chunk by chunk, in place: what is left of a row is recomputed from its path (at most
+        # max_length gathers) instead of kept, and an edge's sum builds up in its own (still zero) row, so nothing
+        # of size (N x D) or (edges x D) is held besides the vectors themselves (at a million identifiers each
+        # such scratch matrix was 2 to 6 GB).
+        vectors = self.edge_vectors
+        vectors.zero_()
+        for depth in range(self.paths.shape[1]):
+            edges = self.paths[:, depth].long()
             rows = torch.nonzero(edges >= 0).squeeze(-1)
-            sums = torch.zeros_like(vectors).index_add_(0, edges[rows], left[rows])
-            counts = torch.zeros(len(vectors), device=vectors.device).index_add_(
-                0, edges[rows], torch.ones(len(rows), device=vectors.device))
-            touched = counts > 0
-            vectors[touched] = sums[touched] / counts[touched, None]
-            left[rows] -= vectors[edges[rows]]
-        self.edge_vectors.copy_(vectors)
+            for start in range(0, len(rows), INIT_CHUNK):
+                chunk = rows[start : start + INIT_CHUNK]
+                left = features[chunk.to(features.device)].to(vectors.device, torch.float32)
+                left -= vectors[self.paths[chunk, :depth].long()].sum(dim=1)
+                vectors.index_add_(0, edges[chunk], left.to(vectors.dtype))
+            counts = torch.bincount(edges[rows], minlength=len(vectors))
+            touched = torch.nonzero(counts).squeeze(-1)
+            for start in range(0, len(touched), INIT_CHUNK):
+                part = touched[start : start + INIT_CHUNK]
+                vectors[part] /= counts[part, None].to(vectors.dtype)
 
     @torch.no_grad()
     def initialize_from_tokens(self, token_vectors: torch.Tensor, edge_tokens: torch.Tensor) -> None:

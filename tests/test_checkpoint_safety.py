@@ -607,3 +607,51 @@ def test_an_interrupted_fallback_swap_is_restored_by_the_next_load(pair_a_b, tmp
     reloaded = GcmrForRetrieval.from_pretrained(folder)
     assert folder.is_dir() and not backup.exists()
     assert _which(_hits(reloaded, ImageIdTokenizer.from_pretrained(folder)), {"a": _hits(model, tokenizer)}) == "a"
+
+
+# -- a disk that fills up while saving -----------------------------------------------------------------------------
+
+# The child saves with a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored): every write past it fails with EFBIG, as a
+# full disk fails with ENOSPC, without needing a small file system to be mounted.
+FULL_DISK_SAVER = r"""
+import json, resource, signal, sys
+from modeling_gcmr import GcmrForRetrieval
+from modeling_gcmr.publishing.checkpoint import save_retriever
+from tokenization_gcmr import ImageIdTokenizer
+source, target, limit, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model, tokenizer = GcmrForRetrieval.from_pretrained(source), ImageIdTokenizer.from_pretrained(source)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    if how == "retriever":
+        save_retriever(model, tokenizer, target)
+    else:
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+except Exception as error:
+    print(json.dumps({"error": f"{type(error).__name__}: {error}"}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+@pytest.mark.parametrize("how", ["retriever", "pair"])
+def test_a_disk_that_fills_up_while_saving_keeps_the_old_checkpoint_and_leaves_nothing_half_written(
+        pair_a_b, tmp_path, how):
+    (model_a, tokenizer_a), (model_b, tokenizer_b) = pair_a_b
+    source, target = tmp_path / "a", tmp_path / "target"
+    save_retriever(model_a, tokenizer_a, source)
+    save_retriever(model_b, tokenizer_b, target)
+    before = {path.name: path.read_bytes() for path in target.iterdir()}
+    weights = (source / "model.safetensors").stat().st_size
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_SAVER, str(source), str(target), str(weights // 2), how],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr[-3000:]
+    error = json.loads(done.stdout.strip().splitlines()[-1])["error"]
+    assert error.startswith("DiskFullError") and f"while saving to {target} " in error, error
+    assert "File too large" in error and "is as it was before" in error, error
+    # The old checkpoint is there, byte for byte, and nothing of the failed save is left next to it or inside it.
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == before
+    assert not [path.name for path in tmp_path.iterdir() if STAGING_NAME.search(path.name)]
+    loaded = GcmrForRetrieval.from_pretrained(target).eval()
+    assert _which(_hits(loaded, ImageIdTokenizer.from_pretrained(target)), {"b": _hits(model_b, tokenizer_b)}) == "b"

@@ -1,0 +1,107 @@
+"""What keeps the user path linear in the collection size (issue 16); `benchmarks/scale.py` measures it at 1M."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import modeling_gcmr.identifier_head_gcmr as identifier_head_gcmr
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+DIM = 8
+
+
+def _model_and_features(text_tokenizer, id_type: str, count: int = 300):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, DIM))
+    features = (centres[rng.integers(0, 6, count)] + 0.3 * rng.normal(size=(count, DIM))).astype(np.float32)
+    options = dict(num_coarse=4, num_levels=2, codebook_size=3, fine_quantizer="residual_kmeans") \
+        if id_type == "coarse_fine" else dict(branching=3, leaf_size=4) if id_type == "structured" else {}
+    table = build_identifiers([f"k{i}" for i in range(count)], id_type, embeddings=features, seed=0, **options)
+    tokenizer = ImageIdTokenizer(text_tokenizer, table)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), image_embed_dim=DIM,
+        identifier_dim=DIM))
+    return model, tokenizer, features
+
+
+def _reference_edge_vectors(paths: torch.Tensor, features: torch.Tensor, num_edges: int) -> torch.Tensor:
+    """The documented start, written plainly: depth by depth, each edge = mean of what is left of its rows."""
+    left = features.double().clone()
+    vectors = torch.zeros(num_edges, features.shape[1], dtype=torch.float64)
+    for depth in range(paths.shape[1]):
+        for edge in paths[:, depth].unique().tolist():
+            if edge < 0:
+                continue
+            rows = paths[:, depth] == edge
+            vectors[edge] = left[rows].mean(dim=0)
+            left[rows] -= vectors[edge]
+    return vectors
+
+
+@pytest.mark.parametrize("id_type", ["coarse_fine", "structured", "atomic"])
+@pytest.mark.parametrize("chunk", [7, identifier_head_gcmr.INIT_CHUNK])
+def test_edge_vectors_start_as_documented_whatever_the_chunk_size(text_tokenizer, monkeypatch, id_type, chunk):
+    monkeypatch.setattr(identifier_head_gcmr, "INIT_CHUNK", chunk)
+    model, tokenizer, features = _model_and_features(text_tokenizer, id_type)
+    untouched = features.copy()
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    head = model.identifier_head
+    paths = head.paths.long()
+    assert paths.shape[1] > 2 or id_type == "atomic"  # several depths, where the type has them
+    expected = _reference_edge_vectors(paths, torch.from_numpy(features), head.edge_vectors.shape[0])
+    torch.testing.assert_close(head.edge_vectors.detach().double(), expected, atol=1e-5, rtol=1e-5)
+    sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
+    torch.testing.assert_close(sums, torch.from_numpy(features), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(features, untouched)  # the caller's features are read, never written
+
+
+def test_set_identifiers_keeps_no_second_set_of_edge_vectors(text_tokenizer):
+    model, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=120)
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    head = model.identifier_head
+    paths, rows, edges = head.paths.clone(), head.token_rows.clone(), head.edge_vectors.shape[0]
+    storage = head.edge_vectors.data_ptr()
+    head.set_identifiers(paths, rows, edges)  # same size: the same memory, zeroed
+    assert head.edge_vectors.data_ptr() == storage and not head.edge_vectors.any()
+    grown = torch.randn(edges + 5, DIM)
+    head.set_identifiers(paths, rows, edges + 5, grown)  # given vectors: owned as they are, not copied
+    assert head.edge_vectors.data_ptr() == grown.data_ptr() and head.edge_vectors.requires_grad
+    head.edge_vectors.requires_grad_(False)
+    head.set_identifiers(paths, rows, edges)
+    assert head.edge_vectors.shape == (edges, DIM) and not head.edge_vectors.any()
+
+
+def test_added_images_start_at_their_features_after_the_head_takes_the_grown_vectors(text_tokenizer):
+    model, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=100)
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    new = features[:20] + np.float32(0.05) * np.random.default_rng(1).normal(size=(20, DIM)).astype(np.float32)
+    model.add_images([f"n{i}" for i in range(len(new))], tokenizer, image_embeds=new, placement="centroids")
+    head = model.identifier_head
+    paths = head.paths.long()[-len(new):]
+    sums = (head.edge_vectors.detach()[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
+    torch.testing.assert_close(sums, torch.from_numpy(new), atol=1e-4, rtol=1e-4)
+
+
+def test_images_added_under_one_identifier_take_the_free_uniqueness_tokens_in_order(text_tokenizer):
+    _, tokenizer, features = _model_and_features(text_tokenizer, "coarse_fine", count=100)
+    old = tokenizer.identifier_table
+    copies = np.concatenate([np.repeat(features[:1], 4, axis=0), np.repeat(features[1:2], 3, axis=0)])
+    edit = tokenizer.prepare_add([f"n{i}" for i in range(len(copies))], copies)
+
+    def spelled(table, row: int) -> tuple:
+        return tuple(table.units[code] for code in table.codes[row] if code >= 0)
+
+    taken = {spelled(old, row) for row in range(len(old.keys))}
+    new = [spelled(edit.table, row) for row in edit.rows]
+    for identifier in new:  # what probing j = 0, 1, ... row by row gives: the smallest free <u_j>, in row order
+        base = identifier[:-1] if identifier[-1].startswith("<u_") else identifier
+        j = 0
+        while (base + (f"<u_{j}>",) if base in taken or j else base) in taken:
+            j += 1
+        expected = base if base not in taken else base + (f"<u_{j}>",)
+        assert identifier == expected
+        taken.add(identifier)
+    assert len(set(new)) == len(new)
