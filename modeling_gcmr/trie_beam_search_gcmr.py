@@ -18,7 +18,8 @@ import torch
 
 
 @torch.no_grad()
-def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k: int) -> list[list[tuple[int, float]]]:
+def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k: int,
+                     widths: tuple[int, ...] = ()) -> list[list[tuple[int, float]]]:
     """Per query, up to `top_k` (identifier index, score) pairs, best first.
 
     Args:
@@ -27,6 +28,8 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         encoded: the model's `GcmrEncoderOutput` for the queries (memory, mask, query vectors).
         num_beams: unfinished prefixes kept per query and step.
         top_k: hits returned per query.
+        widths: prefixes kept after the first steps (`widths[t]` after step t, at least `num_beams`); `num_beams`
+            after them. See `beam_widths`.
     """
     head = model.identifier_head
     num_queries = encoded.query_vectors.shape[0]
@@ -40,7 +43,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
     previous_edges = None
     cache = None
     hits_query, hits_key, hits_score = [], [], []
-    for _ in range(model.config.max_identifier_length + 1):
+    for step in range(model.config.max_identifier_length + 1):
         if previous_edges is None:
             inputs = head.start_input.expand(len(nodes), 1, -1)
         else:
@@ -59,7 +62,8 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         hits_query.append(query_of_row[rows[done]])
         hits_key.append(keys[done])
         hits_score.append(scores[done])
-        keep = _best_per_group(query_of_row[rows[~done]], scores[~done], num_beams)
+        width = max(num_beams, widths[step]) if step < len(widths) else num_beams
+        keep = _best_per_group(query_of_row[rows[~done]], scores[~done], width)
         if len(keep) == 0:
             break
         parents, edges, scores = rows[~done][keep], edges[~done][keep], scores[~done][keep]
