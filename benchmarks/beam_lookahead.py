@@ -8,8 +8,8 @@ against the stored image features: at step 0 (`real_captions.py --untrained`) th
 gap is what the beam prunes. Tune on the dev files only.
 
     python benchmarks/real_captions.py --dataset f30k-dev --id_type coarse_fine --untrained
-    python benchmarks/beam_lookahead.py --retriever benchmarks/results/real_captions/f30k-dev-coarse_fine-untrained/run/retriever \\
-        --dataset f30k-dev --lookahead 0,2,4
+    python benchmarks/beam_lookahead.py --dataset f30k-dev --lookahead 0,2,4 \\
+        --retriever benchmarks/results/real_captions/f30k-dev-coarse_fine-untrained/run/retriever
 """
 from __future__ import annotations
 
