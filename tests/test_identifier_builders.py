@@ -94,6 +94,41 @@ def test_numeric_fixed_width_shared_digits_and_seeded_shuffle():
     assert "".join(map(str, in_order.codes[249])) == "249"
 
 
+def test_numeric_cluster_order_follows_the_features_and_arbitrary_order_stays_available():
+    embeddings, labels = clustered(250, 16, 3, seed=1)
+    keys = [f"k{i}" for i in range(250)]
+    table = build_identifiers(keys, "numeric", embeddings=embeddings, seed=2)
+    assert table.options["order"] == "auto" and table.codes.shape == (250, 3)
+    numbers = sorted(int("".join(map(str, row))) for row in table.codes)
+    assert len(set(numbers)) == 250 and numbers[-1] < 1000
+    assert table.content_hash == build_identifiers(keys, "numeric", embeddings=embeddings, seed=2).content_hash
+    assert np.array_equal(table.codes, build_identifiers(keys, "numeric", embeddings=embeddings, seed=2,
+                                                         order="clusters").codes)
+
+    def pure_first_digits(codes: np.ndarray) -> int:
+        """How many first-digit prefixes hold images of a single cluster."""
+        return sum(len(set(labels[codes[:, 0] == digit])) == 1 for digit in np.unique(codes[:, 0]))
+
+    # Every first-digit prefix is a cluster of similar images (the digit trie is a cluster tree) ...
+    assert pure_first_digits(table.codes) == len(np.unique(table.codes[:, 0])) >= 3
+    # ... where GRACE's arbitrary order, still an option (and the default without embeddings), mixes them.
+    arbitrary = build_identifiers(keys, "numeric", embeddings=embeddings, seed=2, order="arbitrary")
+    assert np.array_equal(arbitrary.codes, build_identifiers(keys, "numeric", seed=2).codes)
+    assert pure_first_digits(arbitrary.codes) == 0
+
+
+def test_numeric_cluster_order_respects_each_digit_capacity():
+    # One tight cluster of 1000 images must still fill 000..999: no first digit may take more than 100.
+    embeddings = np.random.default_rng(0).normal(scale=1e-3, size=(1000, 4)).astype(np.float32)
+    embeddings[:5] += 100.0
+    table = build_identifiers([f"k{i}" for i in range(1000)], "numeric", embeddings=embeddings, order="clusters")
+    assert_valid_unique(table, 1000)
+    assert table.codes.shape == (1000, 3) and (np.bincount(table.codes[:, 0], minlength=10) == 100).all()
+    assert len(set(table.codes[:5, 0])) == 1  # the five outliers share a prefix
+    with pytest.raises(ValueError, match=r"numeric order 'clusters' needs embeddings: a float array of shape \(3, D\)"):
+        build_identifiers(["a", "b", "c"], "numeric", order="clusters")
+
+
 def test_string_uses_text_pieces_of_the_shuffled_index(word_tokenizer):
     keys = [f"k{i}" for i in range(30)]
     numeric = build_identifiers(keys, "numeric", seed=1, shuffle=True)
@@ -226,6 +261,15 @@ def test_structured_always_unique(embeddings, branching, leaf_size, seed):
 
 
 @PROPERTY_SETTINGS
+@given(embeddings=embedding_sets(), seed=st.integers(0, 3))
+def test_numeric_cluster_order_always_unique(embeddings, seed):
+    keys = [f"k{i}" for i in range(len(embeddings))]
+    table = build_identifiers(keys, "numeric", embeddings=embeddings, seed=seed)
+    assert_valid_unique(table, len(keys))
+    assert table.codes.shape == (len(keys), len(str(len(keys) - 1)))
+
+
+@PROPERTY_SETTINGS
 @given(
     embeddings=embedding_sets(), num_coarse=st.integers(1, 6), codebook_size=st.integers(1, 6), num_levels=st.integers(1, 3),
     fine_quantizer=st.sampled_from(["residual_kmeans", "rqvae"]),
@@ -343,6 +387,7 @@ def test_unknown_id_type_and_options():
         ("coarse_fine", {"fine_quantizer": "pq"}, "option 'fine_quantizer' must be one of"),
         ("coarse_fine", {"num_levels": 0}, "option 'num_levels' must be >= 1"),
         ("numeric", {"shuffle": 1}, "option 'shuffle' must be bool"),
+        ("numeric", {"order": "sorted"}, "option 'order' must be one of"),
     ],
 )
 def test_bad_option_values(id_type, options, message):

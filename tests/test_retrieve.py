@@ -323,3 +323,25 @@ def test_hard_negatives_are_scored_with_their_own_paths_as_beam_search_does(setu
         for column, index in enumerate(identifiers[row].tolist()):
             expected = teacher_forced_score(model, tokenizer, inputs, row, tokenizer.keys[index])
             assert scores[row, column].item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_lookahead_keeps_the_gold_that_the_plain_beam_prunes(text_tokenizer, caption_corpus):
+    # Two-level structured tree (3 clusters, then one leaf position per image), step 0, one beam: a prefix's partial
+    # sum is its cluster mean's score, so the plain beam drops the best image whenever its cluster's mean is not the
+    # best; partial sum + best child edge is that cluster's best image exactly, so the lookahead beam keeps it.
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=3, leaf_size=30))
+    assert tokenizer.max_identifier_length == 2
+    model = make_model(tokenizer, trained_decoder=False)
+    queries = torch.nn.functional.normalize(torch.randn(200, EMBED_DIM, generator=torch.Generator().manual_seed(4)),
+                                            dim=-1)
+    encoded = model.encode(image_embeds=queries)
+    gold = (queries @ torch.as_tensor(embeddings()).T).argmax(dim=1).tolist()
+
+    def top1(lookahead):
+        hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=1, top_k=1, lookahead=lookahead)
+        return [row[0][0] for row in hits]
+
+    assert top1(lookahead=4) == gold
+    assert sum(found != best for found, best in zip(top1(lookahead=0), gold)) >= 10

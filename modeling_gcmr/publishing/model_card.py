@@ -24,7 +24,8 @@ BASELINE_CONFIG = "dense-baseline"  # metric `config` that labels the dual-encod
 BASE_TAGS = ("custom_code", "generative-retrieval", "cross-modal-retrieval", "text-to-image-retrieval", "gcmr")
 
 ID_TYPE_DESCRIPTIONS = {
-    "numeric": "a shuffled running index written digit by digit, one shared token per digit (GRACE)",
+    "numeric": "a running index written digit by digit, one shared token per digit (GRACE), numbered along a "
+    "10-way cluster tree of the image embeddings when there are some (else shuffled, as in GRACE)",
     "string": "a shuffled running index written with the text tokenizer's own pieces (GRACE)",
     "semantic": "the image's caption in the text tokenizer's pieces, with a suffix token on collision (GRACE)",
     "structured": "the path of the image in a hierarchical k-means tree over image embeddings, one token per "

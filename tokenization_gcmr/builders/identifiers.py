@@ -21,6 +21,7 @@ from .features import FeatureMatrix, code_means, open_features
 from .quantizers import (
     ASSIGN_BATCH,
     assign,
+    digit_tree_numbers,
     kmeans_centroids,
     residual_kmeans,
     sample_rows,
@@ -72,7 +73,19 @@ _TEXT_TOKENIZER_HELP = (
 class NumericOptions(_Options):
     """`numeric`: the decimal digits of a running index, fixed width, one shared token `<n_d>` per digit."""
 
-    shuffle: bool = _option(True, "Permute the running index with the seed, so digits carry no corpus order.")
+    order: str = _option(
+        "auto",
+        "How the running index is assigned: 'clusters' (a balanced hierarchical k-means on the embeddings, 10 "
+        "branches per digit, so that every digit prefix is a cluster of similar images), 'arbitrary' (GRACE: key "
+        "order, permuted with the seed when `shuffle`), 'auto' (clusters when embeddings are given, else arbitrary).",
+        choices=("auto", "clusters", "arbitrary"),
+    )
+    shuffle: bool = _option(True, "order 'arbitrary': permute the running index with the seed, so digits carry no "
+                                  "corpus order.")
+    kmeans_iterations: int = _option(20, "order 'clusters': faiss k-means iterations per node.", min=1)
+    train_sample: int = _option(
+        2_560, "order 'clusters': train each node's k-means on at most this many seeded rows (256 per centroid).", min=2
+    )
 
 
 @dataclass(frozen=True)
@@ -213,8 +226,15 @@ def _progress(num_items: int, description: str, steps: int | None = None, unit: 
 
 
 def _build_numeric(opts: NumericOptions, seed: int, keys, embeddings, captions):
-    index = _running_index(len(keys), opts.shuffle, seed)
     width = len(str(len(keys) - 1))
+    order = opts.order if opts.order != "auto" else ("arbitrary" if embeddings is None else "clusters")
+    if order == "clusters" and embeddings is None:
+        raise ValueError(f"numeric order 'clusters' needs embeddings: a float array of shape ({len(keys)}, D)")
+    if order == "clusters":
+        with _progress(len(keys), "numeric identifiers") as bar:
+            index = digit_tree_numbers(embeddings, width, seed, opts.kmeans_iterations, opts.train_sample, bar.update)
+    else:
+        index = _running_index(len(keys), opts.shuffle, seed)
     codes = (index[:, None] // 10 ** np.arange(width - 1, -1, -1)) % 10
     return codes, [f"<n_{digit}>" for digit in range(10)], np.zeros(10, dtype=bool), None
 

@@ -1,4 +1,4 @@
-"""K-means and residual quantizers behind the `structured` and `coarse_fine` identifiers.
+"""K-means and residual quantizers behind the `structured` and `coarse_fine` identifiers, and numeric's digit tree.
 
 K-means comes from faiss (seeded, trained on a seeded subsample, then every point assigned in
 batches), so a million 512-d embeddings quantize in minutes on two cores. The RQ-VAE is a small
@@ -214,3 +214,69 @@ def train_rqvae(
             codes[start : start + len(block)] = model.encode(block)
         on_step()
         return codes
+
+
+def digit_tree_numbers(embeddings: np.ndarray, width: int, seed: int, iterations: int, train_sample: int,
+                       on_done: Callable[[int], object] = lambda count: None) -> np.ndarray:
+    """Running numbers whose digit prefixes are clusters: a balanced hierarchical k-means with 10 branches per digit.
+
+    A node whose numbers have `r` free digits holds at most 10**r images; it is split by k-means into at most 10
+    children of at most 10**(r-1) images each (capacity-constrained assignment), child j taking digit j. The digit
+    trie is then a cluster tree, its dense-aware edge vectors are cluster means, and beam search over the digits is
+    an approximate inner-product search; under an arbitrary order every prefix is a random set of images whose
+    mean says nothing, and the beam prunes the gold at the second digit. `on_done(count)` reports finished images.
+    """
+    rng = np.random.default_rng(seed)
+    index = np.zeros(len(embeddings), dtype=np.int64)
+    stack = [(np.arange(len(embeddings)), width)]
+    while stack:
+        rows, free = stack.pop()
+        capacity = 10 ** (free - 1) if free else 0
+        if len(rows) <= 10 or capacity <= 1:
+            # One image per child: which digit each takes changes no score (the child's edge is that image's).
+            index[rows] += np.arange(len(rows)) * capacity
+            on_done(len(rows))
+            continue
+        node = embeddings if len(rows) == len(embeddings) else embeddings[rows]
+        centroids = kmeans_centroids(node[sample_rows(len(rows), train_sample, rng)], 10, seed, iterations)
+        labels = capacity_assign(node, centroids, capacity)
+        index[rows] += labels * capacity
+        order = np.argsort(labels, kind="stable")
+        children = np.split(rows[order], np.flatnonzero(np.diff(labels[order])) + 1)
+        stack.extend((child, free - 1) for child in reversed(children))
+    return index
+
+
+def capacity_assign(x: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
+    """Nearest centroid of every row, no centroid taking more than `capacity` rows (needs k * capacity >= rows).
+
+    Greedy by regret: rows go to their nearest open centroid; a centroid offered more rows than it has room for keeps
+    those that would lose the most by moving (second-nearest minus nearest distance) and closes; the others try
+    again among the open centroids. At most k rounds.
+    """
+    distances = np.empty((len(x), len(centroids)))
+    norms = (centroids.astype(np.float64) ** 2).sum(axis=1)
+    for start in range(0, len(x), ASSIGN_BATCH):  # blockwise: no float64 copy of the whole node
+        block = x[start : start + ASSIGN_BATCH].astype(np.float64)
+        distances[start : start + ASSIGN_BATCH] = norms - 2 * block @ centroids.T.astype(np.float64)
+    distances[~np.isfinite(distances)] = np.finfo(np.float64).max  # a NaN centroid is the last choice
+    labels = np.full(len(x), -1, dtype=np.int64)
+    room = np.full(len(centroids), capacity, dtype=np.int64)
+    pending = np.arange(len(x))
+    while len(pending):
+        open_ = room > 0
+        candidate = np.where(open_[None], distances[pending], np.inf)
+        nearest = np.argmin(candidate, axis=1)
+        two = np.partition(candidate, 1, axis=1)[:, :2] if candidate.shape[1] > 1 else np.c_[candidate, candidate]
+        regret = two[:, 1] - two[:, 0]
+        still = []
+        for centre in np.flatnonzero(open_):
+            offered = pending[nearest == centre]
+            if len(offered) > room[centre]:
+                by_regret = np.argsort(-regret[nearest == centre], kind="stable")
+                still.append(offered[by_regret[room[centre] :]])
+                offered = offered[by_regret[: room[centre]]]
+            labels[offered] = centre
+            room[centre] -= len(offered)
+        pending = np.sort(np.concatenate(still)) if still else pending[:0]
+    return labels
