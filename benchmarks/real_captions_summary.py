@@ -36,7 +36,8 @@ def rows_of(runs: list[dict]) -> list[list[str]]:
         step0 = run.get("step0", {}).get("plain")
         target = R1_TARGETS.get(id_type)
         rows.append([
-            run["setup"]["dataset"], id_type, f"{100 * dense['recall@1']:.1f}",
+            run["setup"]["dataset"], id_type + (f" ({label})" if (label := run["setup"].get("label")) else ""),
+            f"{100 * dense['recall@1']:.1f}",
             f"{100 * tuned['recall@1']:.1f}" if tuned else "-",
             f"{100 * step0['recall@1']:.1f}" if step0 else "-",
             f"{100 * plain['recall@1']:.1f}"
