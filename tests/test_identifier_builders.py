@@ -138,6 +138,23 @@ def test_string_uses_text_pieces_of_the_shuffled_index(word_tokenizer):
         assert "".join(piece.removeprefix("##") for piece in row) == str(int("".join(map(str, digits))))
 
 
+def test_string_follows_the_numeric_cluster_order_zero_padded(word_tokenizer):
+    """With embeddings, string identifiers spell numeric's cluster-order index at a fixed width, so every piece
+    boundary is a digit prefix (a cluster); GRACE's arbitrary order stays available and unpadded."""
+    embeddings, _ = clustered(120, 16, 3, seed=1)
+    keys = [f"k{i}" for i in range(120)]
+    numeric = build_identifiers(keys, "numeric", embeddings=embeddings, seed=2)
+    table = build_identifiers(keys, "string", embeddings=embeddings, seed=2, text_tokenizer=word_tokenizer)
+    assert table.options["order"] == "auto"
+    for row, digits in zip(spelled(table), numeric.codes):
+        assert "".join(piece.removeprefix("##") for piece in row) == "".join(map(str, digits))
+    arbitrary = build_identifiers(keys, "string", embeddings=embeddings, seed=2, text_tokenizer=word_tokenizer,
+                                  order="arbitrary")
+    assert spelled(arbitrary) == spelled(build_identifiers(keys, "string", seed=2, text_tokenizer=word_tokenizer))
+    with pytest.raises(ValueError, match=r"string order 'clusters' needs embeddings"):
+        build_identifiers(keys, "string", seed=2, text_tokenizer=word_tokenizer, order="clusters")
+
+
 def test_semantic_first_caption_truncated_and_transformers_tokenizer_agrees(word_tokenizer):
     captions = ["a red circle left of the blue square above a green triangle", ["the small square", "ignored"]]
     table = build_identifiers(["x", "y"], "semantic", captions=captions, text_tokenizer=word_tokenizer, max_length=4)

@@ -89,11 +89,13 @@ class NumericOptions(_Options):
 
 
 @dataclass(frozen=True)
-class StringOptions(_Options):
-    """`string`: the same (shuffled) running index as `numeric`, written as text and tokenized."""
+class StringOptions(NumericOptions):
+    """`string`: the same running index as `numeric` (same `order`), written as text and tokenized.
+
+    In cluster order the text is zero-padded to a fixed width, so that every piece boundary is a digit prefix and so
+    a cluster of the digit tree; GRACE's arbitrary order writes the index without leading zeros."""
 
     text_tokenizer: Any = _option(None, _TEXT_TOKENIZER_HELP)
-    shuffle: bool = _option(True, "Permute the running index with the seed.")
 
 
 @dataclass(frozen=True)
@@ -225,23 +227,30 @@ def _progress(num_items: int, description: str, steps: int | None = None, unit: 
 # Each returns (codes, units, unit_is_text, unit_vectors).
 
 
+def _running_numbers(opts: NumericOptions, seed: int, keys, embeddings, width: int, id_type: str) -> np.ndarray:
+    """The running index of `numeric` and `string` identifiers, in the order `opts.order` asks for."""
+    order = opts.order if opts.order != "auto" else ("arbitrary" if embeddings is None else "clusters")
+    if order == "arbitrary":
+        return _running_index(len(keys), opts.shuffle, seed)
+    if embeddings is None:
+        raise ValueError(f"{id_type} order 'clusters' needs embeddings: a float array of shape ({len(keys)}, D)")
+    with _progress(len(keys), f"{id_type} identifiers") as bar:
+        return digit_tree_numbers(embeddings, width, seed, opts.kmeans_iterations, opts.train_sample, bar.update)
+
+
 def _build_numeric(opts: NumericOptions, seed: int, keys, embeddings, captions):
     width = len(str(len(keys) - 1))
-    order = opts.order if opts.order != "auto" else ("arbitrary" if embeddings is None else "clusters")
-    if order == "clusters" and embeddings is None:
-        raise ValueError(f"numeric order 'clusters' needs embeddings: a float array of shape ({len(keys)}, D)")
-    if order == "clusters":
-        with _progress(len(keys), "numeric identifiers") as bar:
-            index = digit_tree_numbers(embeddings, width, seed, opts.kmeans_iterations, opts.train_sample, bar.update)
-    else:
-        index = _running_index(len(keys), opts.shuffle, seed)
+    index = _running_numbers(opts, seed, keys, embeddings, width, "numeric")
     codes = (index[:, None] // 10 ** np.arange(width - 1, -1, -1)) % 10
     return codes, [f"<n_{digit}>" for digit in range(10)], np.zeros(10, dtype=bool), None
 
 
 def _build_string(opts: StringOptions, seed: int, keys, embeddings, captions):
-    index = _running_index(len(keys), opts.shuffle, seed)
-    return (*_text_table(_tokenize(opts.text_tokenizer, [str(i) for i in index])), None)
+    width = len(str(len(keys) - 1))
+    index = _running_numbers(opts, seed, keys, embeddings, width, "string")
+    clustered = opts.order != "arbitrary" and embeddings is not None
+    texts = [str(i).zfill(width) if clustered else str(i) for i in index]
+    return (*_text_table(_tokenize(opts.text_tokenizer, texts)), None)
 
 
 def _build_semantic(opts: SemanticOptions, seed: int, keys, embeddings, captions):
