@@ -6,6 +6,9 @@ head (`identifier_head_gcmr.py`) every step scores the trie edges by dot product
 `trie_beam_search_gcmr` (every id type by default); with the text head (format 1 checkpoints, configs that ask for
 it) the backbone's LM head scores the vocabulary and `generate()` runs under `PrefixTrieLogitsProcessor`.
 Vocabulary fitting lives in `vocabulary_gcmr.py`, search in `retrieval_gcmr.py`, queries in `query_inputs_gcmr.py`.
+
+Over 500 lines, for a reason: this is the model's one public face (config wiring, forward, generate, retrieve, the
+collection edits, from_pretrained); each method is a short entry that hands the work to the sibling named for it.
 """
 from __future__ import annotations
 
@@ -311,9 +314,12 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         features = torch.as_tensor(features.detach() if isinstance(features, torch.Tensor) else features,
                                    dtype=torch.float32)
         expected = (self.config.num_identifiers, self.config.identifier_dim)
-        if self.config.images_through_encoder or tuple(features.shape) != expected:
+        if self.config.identifier_head == "text" or self.config.images_through_encoder:  # no feature space there
+            raise ValueError("store_image_features needs the identifier head; this model scores identifiers with "
+                             "its text head (config.identifier_head='text' or format 1), which has no feature space")
+        if tuple(features.shape) != expected:
             raise ValueError(f"image features must have shape {expected} (one row per identifier, the identifier "
-                             f"width) on a format 2 model, got {tuple(features.shape)}")
+                             f"width), got {tuple(features.shape)}")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("image features hold NaN or inf")
         if self.config.stores_image_features:

@@ -126,6 +126,8 @@ def test_text_head_retrieve_is_generate_with_length_penalty_zero(text_tokenizer,
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, "semantic", count=20)
     model = text_head_model(tokenizer)
     assert model.identifier_head is None and model.config.identifier_head == "text"
+    with pytest.raises(ValueError, match=r"store_image_features needs the identifier head; .* text head"):
+        model.store_image_features(torch.zeros(20, EMBED_DIM))
     texts = ["a red circle left of a blue square", "a big green star"]
     out = model.generate(**tokenizer(texts, padding=True, return_tensors="pt"), logits_processor=on_trie(tokenizer),
                          num_beams=4, num_return_sequences=4, length_penalty=0.0, max_new_tokens=20,

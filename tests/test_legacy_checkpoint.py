@@ -38,6 +38,9 @@ def test_format_1_checkpoint_loads_and_answers_as_before():
     assert_same_hits(model.retrieve(tokenizer=tokenizer, image_embeds=images, top_k=2, num_beams=3), want["image"])
     with pytest.raises(ValueError, match=r"rerank re-scores .* text head \(format 1\)"):
         model.retrieve(want["queries"], tokenizer, rerank="features")
+    with pytest.raises(ValueError, match=r"store_image_features needs the identifier head; .* text head"):
+        model.store_image_features(torch.zeros(len(tokenizer.keys), 4))
+    assert not model.config.stores_image_features
 
 
 def test_format_1_checkpoint_loads_through_todays_remote_code(tmp_path):
