@@ -12,6 +12,8 @@ import pytest
 import torch
 from test_retrieve import HEAD_TYPES, embeddings, make_model, make_tokenizer
 
+from modeling_gcmr.trie_beam_search_gcmr import trie_beam_search
+
 
 def full_head_logits(head, queries: torch.Tensor) -> torch.Tensor:
     """(B, N) identifier logits from scoring every edge at every step, then summing each identifier's path."""
@@ -108,9 +110,10 @@ def constrained_inner_product_search(tokenizer, features: torch.Tensor, query: t
 
 @pytest.mark.parametrize("id_type", HEAD_TYPES)
 def test_step_zero_is_constrained_inner_product_search_for_every_id_type(text_tokenizer, caption_corpus, id_type):
-    """Before any training step (dense-aware edge vectors, no decoder correction) the trie beam search is exactly
-    the reference above: same hits, same order, scores scale * q . x_i. With a beam over every identifier it is
-    exact inner-product search over the whole collection."""
+    """Before any training step (dense-aware edge vectors, no decoder correction) the plain trie beam search
+    (`lookahead=0`) is exactly the reference above: same hits, same order, scores scale * q . x_i. The default search
+    (with its lookahead) still scores every hit by its exact inner product, and with a beam over every identifier it
+    is exact inner-product search over the whole collection."""
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type, count=30)
     model = make_model(tokenizer, trained_decoder=False)
     features = torch.as_tensor(embeddings(30))
@@ -118,11 +121,17 @@ def test_step_zero_is_constrained_inner_product_search_for_every_id_type(text_to
                                             dim=-1)
     scale = model.identifier_head.scale.item()
     for num_beams, top_k in ((3, 3), (30, 5)):
+        with torch.no_grad():
+            plain = trie_beam_search(model, tokenizer.prefix_trie, model.encode(image_embeds=queries), num_beams, top_k,
+                                     lookahead=0)
+        for query, row in zip(queries, plain):
+            expected = constrained_inner_product_search(tokenizer, features, query, num_beams, top_k)
+            assert [tokenizer.keys[index] for index, _ in row] == [key for key, _ in expected]
+            np.testing.assert_allclose([s for _, s in row], [scale * s for _, s in expected], rtol=1e-4, atol=1e-4)
         hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=top_k, num_beams=num_beams)
         for query, row in zip(queries, hits):
-            expected = constrained_inner_product_search(tokenizer, features, query, num_beams, top_k)
-            assert [key for key, _ in row] == [key for key, _ in expected]
-            np.testing.assert_allclose([s for _, s in row], [scale * s for _, s in expected], rtol=1e-4, atol=1e-4)
+            exact = [scale * float(query @ features[tokenizer.keys.index(key)]) for key, _ in row]
+            np.testing.assert_allclose([s for _, s in row], exact, rtol=1e-4, atol=1e-4)
         if num_beams == 30:
             brute = torch.topk(queries @ features.T, top_k).indices
             assert [[tokenizer.keys.index(key) for key, _ in row] for row in hits] == brute.tolist()
