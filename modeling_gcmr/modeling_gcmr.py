@@ -1,14 +1,14 @@
 """GcmrForRetrieval: a sequence-to-sequence model that answers a query with the identifier of an image.
 
+Over 500 lines, for a reason: this is the model's one public face (config wiring, forward, generate, retrieve, the
+collection edits, from_pretrained); each method is a short entry that hands the work to the sibling named for it.
+
 The query (text through the backbone's encoder; an image through the vision tower or as a precomputed feature)
 becomes the decoder's memory and one query vector. The decoder then walks the identifier trie: with the identifier
 head (`identifier_head_gcmr.py`) every step scores the trie edges by dot products with a query vector, searched by
 `trie_beam_search_gcmr` (every id type by default); with the text head (format 1 checkpoints, configs that ask for
 it) the backbone's LM head scores the vocabulary and `generate()` runs under `PrefixTrieLogitsProcessor`.
 Vocabulary fitting lives in `vocabulary_gcmr.py`, search in `retrieval_gcmr.py`, queries in `query_inputs_gcmr.py`.
-
-Over 500 lines, for a reason: this is the model's one public face (config wiring, forward, generate, retrieve, the
-collection edits, from_pretrained); each method is a short entry that hands the work to the sibling named for it.
 """
 from __future__ import annotations
 
