@@ -300,6 +300,13 @@ def respond(searcher: Searcher, search, *args) -> tuple[str, list[list], str]:
     return render_hits(hits, thumbnails, identifiers=identifiers), rows, status
 
 
+def _listing(names: list[str]) -> str:
+    """The first MAX_LISTED_KEYS names as code, and how many more."""
+    listed = ", ".join(f"`{name}`" for name in names[:MAX_LISTED_KEYS])
+    unlisted = len(names) - MAX_LISTED_KEYS
+    return listed + (f" and {unlisted} more" if unlisted > 0 else "")
+
+
 def build_page(searcher: Searcher, title: str = "GCMR search") -> gr.Blocks:
     """The page: a text tab and, when the checkpoint can take images, an image tab."""
     collection = searcher.collection
@@ -307,19 +314,13 @@ def build_page(searcher: Searcher, title: str = "GCMR search") -> gr.Blocks:
         gr.Markdown(f"# {title}\n{len(searcher.live_keys):,} images; each result shows the identifier the "
                     "model generated for it, coarse to fine.")
         if collection.missing:
-            listed = ", ".join(f"`{key}`" for key in collection.missing[:MAX_LISTED_KEYS])
-            unlisted = len(collection.missing) - MAX_LISTED_KEYS
-            more = f" and {unlisted} more" if unlisted > 0 else ""
             gr.Markdown(f"**{len(collection.missing)} of the {len(searcher.live_keys)} images this checkpoint "
-                        f"names are not in `{collection.folder}`:** {listed}{more}. They are still searched and "
-                        "show a placeholder instead of a thumbnail.", elem_id="missing-images")
+                        f"names are not in `{collection.folder}`:** {_listing(collection.missing)}. They are still "
+                        "searched and show a placeholder instead of a thumbnail.", elem_id="missing-images")
         if collection.outside:
-            listed = ", ".join(f"`{place}`" for place in collection.outside[:MAX_LISTED_KEYS])
-            unlisted = len(collection.outside) - MAX_LISTED_KEYS
-            more = f" and {unlisted} more" if unlisted > 0 else ""
             gr.Markdown(f"**{len(collection.outside)} image path(s) lead outside `{collection.folder}` and are not "
-                        f"shown:** {listed}{more}. Copy those images into the folder (or start the page with "
-                        "`--allow_paths_outside_images` if you trust them).", elem_id="outside-images")
+                        f"shown:** {_listing(collection.outside)}. Copy those images into the folder (or start the "
+                        "page with `--allow_paths_outside_images` if you trust them).", elem_id="outside-images")
         top_k = gr.Slider(1, searcher.max_top_k, value=min(5, searcher.max_top_k), step=1, label="top-k",
                           elem_id="top-k")
         # The value reaches the search as it was sent, so `retrieve()`'s own check judges it (Gradio's would round
