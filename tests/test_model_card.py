@@ -24,10 +24,11 @@ TRAINING_ARGS = {"learning_rate": np.float32(1e-3), "num_train_epochs": 30, "per
 TINY_QUERY = "a small red circle left of a blue square"
 
 
-def build_tiny_retriever(text_tokenizer, num_images: int = 8):
-    """An untrained tiny T5-backed retriever over numeric identifiers; decoding is trie-constrained all the same."""
-    torch.manual_seed(0)
-    table = build_identifiers([f"img-{i:02d}" for i in range(num_images)], "numeric", seed=0)
+def build_tiny_retriever(text_tokenizer, num_images: int = 8, prefix: str = "img", id_type: str = "numeric",
+                         seed: int = 0):
+    """An untrained tiny T5-backed retriever (keys `{prefix}-NN`); decoding is trie-constrained all the same."""
+    torch.manual_seed(seed)
+    table = build_identifiers([f"{prefix}-{i:02d}" for i in range(num_images)], id_type, seed=0)
     tokenizer = ImageIdTokenizer(text_tokenizer, table)
     text_config = dict(model_type="t5", vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_heads=2,
                        num_layers=1, num_decoder_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)

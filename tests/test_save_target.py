@@ -13,27 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
+from test_model_card import build_tiny_retriever
 
 import modeling_gcmr.atomic_write_gcmr as atomic_write_gcmr
-from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr import GcmrForRetrieval
 from modeling_gcmr.publishing import checkpoint as publishing
 from modeling_gcmr.publishing.checkpoint import save_retriever
-from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+from tokenization_gcmr import ImageIdTokenizer
 
 QUERIES = ["a small red circle left of a blue square", "a big green star above a grey ring"]
 
 
 def build_retriever(text_tokenizer, prefix: str, num_images: int, seed: int):
-    torch.manual_seed(seed)
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers([f"{prefix}-{i:02d}" for i in range(num_images)],
-                                                                   "atomic"))
-    text_config = dict(model_type="t5", vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_heads=2,
-                       num_layers=1, num_decoder_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    model = GcmrForRetrieval(GcmrConfig(text_config=text_config, num_beams=4))
-    model.set_identifier_vocabulary(tokenizer)
-    return model.eval(), tokenizer
+    return build_tiny_retriever(text_tokenizer, num_images, prefix=prefix, id_type="atomic", seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -203,11 +203,12 @@ def tiny_setup():
     text_tokenizer = train_text_tokenizer([c for caps in corpus["captions"] for c in caps], vocab_size=80)
     tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(corpus["image_key"], "atomic"))
 
-    def make_model(dropout: float = 0.0) -> GcmrForRetrieval:
+    def make_model(dropout: float = 0.0, **config) -> GcmrForRetrieval:
         torch.manual_seed(0)
         text = T5Config(vocab_size=tokenizer.num_text_tokens, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                         dropout_rate=dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        model = GcmrForRetrieval(GcmrConfig(text_config=text, image_embed_dim=len(corpus[0]["image_embeds"]), num_visual_tokens=2, num_beams=4))
+        model = GcmrForRetrieval(GcmrConfig(text_config=text, image_embed_dim=len(corpus[0]["image_embeds"]), num_visual_tokens=2, num_beams=4,
+                                            **config))
         model.set_identifier_vocabulary(tokenizer)
         return model
 

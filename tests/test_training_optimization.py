@@ -2,13 +2,15 @@
 model's own beam (BeamNegativesCallback + the identifier loss), on tiny models."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from test_training import tiny_setup  # noqa: F401  (the fixture this module's `tiny` builds on)
 
 from modeling_gcmr.identifier_loss_gcmr import _with_mined_negatives
 from modeling_gcmr.training.callbacks import BeamNegativesCallback
 from modeling_gcmr.training.collator import GcmrDataCollator
-from modeling_gcmr.training.examples import build_training_examples
 from modeling_gcmr.training.optimization import (
     DENSE_START_DECODER_SHARE,
     optimizer_cls_and_kwargs,
@@ -19,32 +21,9 @@ from modeling_gcmr.training.optimization import (
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A 12-image synthetic corpus with image features, atomic ids and a factory of tiny identifier-head models."""
-    from transformers import T5Config
-
-    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
-    from modeling_gcmr.training.data import split_captions
-    from modeling_gcmr.training.synthetic import make_synthetic_corpus
-    from tokenization_gcmr import ImageIdTokenizer, build_identifiers
-    from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
-
-    corpus = make_synthetic_corpus(12, captions_per_image=3, seed=0).remove_columns(["image", "attributes"])
-    split = split_captions(corpus, num_query_captions=1)
-    text_tokenizer = train_text_tokenizer([c for caps in corpus["captions"] for c in caps], vocab_size=80)
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(corpus["image_key"], "atomic"))
-
-    def make_model() -> GcmrForRetrieval:
-        torch.manual_seed(0)
-        text = T5Config(vocab_size=tokenizer.num_text_tokens, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-        model = GcmrForRetrieval(GcmrConfig(text_config=text, image_embed_dim=len(corpus[0]["image_embeds"]),
-                                            num_visual_tokens=2, num_beams=4, hard_negatives=2))
-        model.set_identifier_vocabulary(tokenizer)
-        return model
-
-    return {"split": split, "tokenizer": tokenizer, "make_model": make_model,
-            "train": build_training_examples(split.train, tokenizer)}
+def tiny(tiny_setup):
+    """test_training's 12-image corpus, with models that train against 2 hard negatives."""
+    return {**tiny_setup, "make_model": functools.partial(tiny_setup["make_model"], hard_negatives=2)}
 
 
 def _trainer(tiny, model, tmp_path, callbacks=(), optimizer=None, **overrides):
