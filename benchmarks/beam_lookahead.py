@@ -3,12 +3,12 @@
 
 Loads a retriever written by `real_captions.py` (its `<run>/run/retriever` folder), encodes the held-out queries of
 the same caption file once, and decodes them with `trie_beam_search` at each `--lookahead` (0: prefixes ranked by
-partial sum alone). The exact baseline in the same run is inner-product search of the model's own query vectors
+partial sum alone) and each `--frontier` (`LOOKAHEAD_FRONTIER`; 0: exactly `LOOKAHEAD_DEPTH` levels). The exact baseline in the same run is inner-product search of the model's own query vectors
 against the stored image features: at step 0 (`real_captions.py --untrained`) that is dense MiniLM search, so the
 gap is what the beam prunes. Tune on the dev files only.
 
     python benchmarks/real_captions.py --dataset f30k-dev --id_type coarse_fine --untrained
-    python benchmarks/beam_lookahead.py --dataset f30k-dev --lookahead 0,2,4 \\
+    python benchmarks/beam_lookahead.py --dataset f30k-dev --lookahead 0,4,16 --frontier 0,64 \\
         --retriever benchmarks/results/real_captions/f30k-dev-coarse_fine-untrained/run/retriever
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from real_captions import DEFAULT_DATA_DIR, QUERY_CAPTIONS, read_captions  # noq
 
 from modeling_gcmr import GcmrForRetrieval  # noqa: E402
 from modeling_gcmr.query_inputs_gcmr import tokenize_queries  # noqa: E402
-from modeling_gcmr.trie_beam_search_gcmr import trie_beam_search  # noqa: E402
+from modeling_gcmr import trie_beam_search_gcmr  # noqa: E402
 from tokenization_gcmr import ImageIdTokenizer  # noqa: E402
 
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="f30k-dev", help="Caption file whose queries (captions 2-4) to decode.")
     parser.add_argument("--data_dir", default=os.environ.get("GCMR_CAPTIONS_DIR", str(DEFAULT_DATA_DIR)))
     parser.add_argument("--lookahead", default="0,4", help="Comma-separated lookahead pools (0: none).")
+    parser.add_argument("--frontier", default=str(trie_beam_search_gcmr.LOOKAHEAD_FRONTIER),
+                        help="Comma-separated LOOKAHEAD_FRONTIER values (0: the lookahead stops at LOOKAHEAD_DEPTH).")
     parser.add_argument("--num_beams", type=int, default=10)
     parser.add_argument("--max_queries", type=int, default=3000)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -68,14 +70,19 @@ def main(argv: list[str] | None = None) -> None:
         for rows, encoded in batches:
             exact[rows] = (encoded.query_vectors.float() @ features.T).topk(10, dim=1).indices.numpy()
         lines = [_line("exact inner product (stored features)", exact, gold, 0.0)]
-        for lookahead in (int(value) for value in args.lookahead.split(",")):
+        settings = [(int(pool), int(frontier)) for pool in args.lookahead.split(",")
+                    for frontier in args.frontier.split(",")]
+        for lookahead, frontier in settings:
+            # A module constant, read at each search: the benchmark sets it, the library never changes it.
+            trie_beam_search_gcmr.LOOKAHEAD_FRONTIER = frontier
             found = np.full((len(queries), 10), -1)
             start = time.perf_counter()
             for rows, encoded in batches:
-                hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, args.num_beams, 10, lookahead=lookahead)
+                hits = trie_beam_search_gcmr.trie_beam_search(model, tokenizer.prefix_trie, encoded, args.num_beams,
+                                                              10, lookahead=lookahead)
                 for row, row_hits in zip(rows, hits):
                     found[row, : len(row_hits)] = [index for index, _ in row_hits]
-            lines.append(_line(f"beam {args.num_beams}, lookahead {lookahead}", found, gold,
+            lines.append(_line(f"beam {args.num_beams}, lookahead pool {lookahead}, frontier {frontier}", found, gold,
                                time.perf_counter() - start))
     print(f"{len(queries)} queries of {args.dataset}; query encoding {encode_seconds:.1f} s (not in the search times)")
     print("\n".join(lines))

@@ -132,13 +132,21 @@ class IdentifierHead(nn.Module):
         self.edge_vectors.copy_(torch.where((edge_tokens >= 0)[:, None], vectors, 0.0))
 
     # ----------------------------------------------------------------------------------------------- decoding pieces
+    def vectors_of(self, edges: torch.Tensor) -> torch.Tensor:
+        """The edge vectors of an index tensor of any shape: (...,) -> (..., D).
+
+        Every lookup goes through `index_select`: its backward adds the rows into the gradient with `index_add_`,
+        where advanced indexing's accumulating `index_put_` took twice as long on CPU (200k edges, 32k sampled
+        paths: 2.0 s -> 0.9 s per backward)."""
+        return self.edge_vectors.index_select(0, edges.reshape(-1)).view(*edges.shape, self.edge_vectors.shape[1])
+
     def decoder_inputs(self, previous_edges: torch.Tensor) -> torch.Tensor:
         """Decoder input vectors: the start vector at step 0, then each step's previous edge; (B, T) -> (B, T, dec)."""
         batch, steps = previous_edges.shape
         start = self.start_input.expand(batch, 1, -1)
         if steps == 1:
             return start
-        taken = self.edge_vectors[previous_edges[:, :-1].clamp(min=0)]
+        taken = self.vectors_of(previous_edges[:, :-1].clamp(min=0))
         return torch.cat([start, self.edge_input(taken)], dim=1)
 
     def step_queries(self, base: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -147,13 +155,13 @@ class IdentifierHead(nn.Module):
 
     def edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """scale * q . v(edge) for paired rows: queries (R, D), edges (R,) -> (R,)."""
-        return self.scale * (queries * self.edge_vectors[edges]).sum(-1)
+        return self.scale * (queries * self.vectors_of(edges)).sum(-1)
 
     def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         """scale * q . v(edge) for every query against the same edges: queries (R, D), edges (E,) -> (R, E). One
         matrix product, where pairing would gather an (R * E, D) copy of the edge vectors (at the root of a million
         atomic identifiers, gigabytes per batch)."""
-        return self.scale * (queries @ self.edge_vectors[edges].T)
+        return self.scale * (queries @ self.vectors_of(edges).T)
 
     # ----------------------------------------------------------------------------------------------- labels
     def identifier_index(self, labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -206,7 +214,7 @@ class IdentifierHead(nn.Module):
             index = paths.clamp(min=0).T.unsqueeze(0).expand(len(queries), -1, -1)
             scores = per_edge.gather(2, index)
         else:
-            scores = torch.einsum("btd,ctd->btc", queries, self.edge_vectors[paths.clamp(min=0)])
+            scores = torch.einsum("btd,ctd->btc", queries, self.vectors_of(paths.clamp(min=0)))
         return scores * (paths.T >= 0), paths
 
     def loss(self, queries: torch.Tensor, gold: torch.Tensor, prefix_weight: float,

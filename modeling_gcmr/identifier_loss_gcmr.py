@@ -25,7 +25,7 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
         paths = head.paths.long()
         for depth in range(paths.shape[1]):
             valid = paths[:, depth] >= 0
-            summed[valid] += head.edge_vectors[paths[valid, depth]]
+            summed[valid] += head.vectors_of(paths[valid, depth])
         return None, head.scale * encoded.query_vectors @ summed.T, None, None
     gold = head.identifier_index(labels.to(head.paths.device), model.config.eos_token_id)
     paths = head.paths.long()[gold]
@@ -107,7 +107,7 @@ def own_path_scores(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, 
     states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows=rows, use_cache=True,
                                      cache=EncoderDecoderCache(DynamicCache(), shared))
     queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
-    steps = (queries * head.edge_vectors[paths.clamp(min=0)]).sum(-1) * (paths >= 0)
+    steps = (queries * head.vectors_of(paths.clamp(min=0))).sum(-1) * (paths >= 0)
     return (head.scale * steps.sum(1)).view(batch, count)
 
 
@@ -117,7 +117,7 @@ def interpolated_queries(model: Any, encoded: GcmrEncoderOutput, paths: torch.Te
     if not (model.training and probability > 0):
         return queries
     head = model.identifier_head
-    target = (head.edge_vectors[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(1).detach()
+    target = (head.vectors_of(paths.clamp(min=0)) * (paths >= 0)[..., None]).sum(1).detach()
     mix = torch.rand(len(queries), device=queries.device) < probability
     if encoded.image_rows is not None:
         mix &= ~encoded.image_rows

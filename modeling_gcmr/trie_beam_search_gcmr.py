@@ -7,9 +7,9 @@ leaves the beam as a hit; the others compete for the `num_beams` places of their
 outside the trie, so no vocabulary-wide matrix is built: at the root of atomic identifiers the children are all
 identifiers (dense search), deeper levels score a handful of children per beam.
 
-Which prefixes survive a step is decided with a lookahead: partial sum plus the best path of up to two edges below
-the prefix under the query's base vector (no decoder run), which turns a cluster mean's score into its best
-sub-clusters' (`_prune`).
+Which prefixes survive a step is decided with a lookahead: partial sum plus the best path of two edges (or more,
+while the paths stay few) below the prefix under the query's base vector (no decoder run), which turns a cluster
+mean's score into its best sub-clusters' (`_prune`).
 
 The trie comes from the tokenizer (`tokenizer.prefix_trie`), the project's one trie engine; this Hub file only calls
 its methods.
@@ -20,10 +20,17 @@ from typing import Any
 
 import torch
 
-# Prefixes looked ahead per kept beam, and edges looked ahead below each (see `_prune`). Chosen on f30k-dev at step 0,
-# where pruning by partial sums lost 9 (numeric) and 8 (coarse_fine) points of the R@10 that dense search reaches.
-LOOKAHEAD_POOL = 4
+# Prefixes looked ahead per kept beam, and edges looked ahead below each (see `_prune`). Chosen at step 0 on f30k-dev
+# and coco-dev, beam 10: pruning by partial sums alone lost 9 (numeric) and 8 (coarse_fine) points of the R@10 that
+# dense search reaches; a pool of 4 x beam with two levels still lost 1.0 (f30k coarse_fine, numeric), 0.6 (f30k
+# structured) and 0.2 (coco coarse_fine); 16 x beam with the frontier below loses none of the four.
+LOOKAHEAD_POOL = 16
 LOOKAHEAD_DEPTH = 2
+# Past LOOKAHEAD_DEPTH the lookahead goes on, level by level, while the next level has at most this many edges per
+# looked-ahead prefix: in a small collection it then reaches the identifiers' ends and ranks each prefix by its best
+# identifier exactly (an identifier's own part of its feature can sit in its EOS edge, a third level below the root's
+# children). A large collection stops at two levels, where the work per query is bounded by the fan-out.
+LOOKAHEAD_FRONTIER = 64
 
 
 @torch.no_grad()
@@ -56,7 +63,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         if previous_edges is None:
             inputs = head.start_input.expand(len(nodes), 1, -1)
         else:
-            inputs = head.edge_input(head.edge_vectors[previous_edges])[:, None]
+            inputs = head.edge_input(head.vectors_of(previous_edges))[:, None]
         states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
         queries = encoded.query_vectors[query_of_row] + head.step_query(states[:, 0])
         rows, edges = engine.edges_of(nodes)
@@ -101,15 +108,19 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
 
 def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """Per node, the best sum of edge scores (base query vectors) over the paths of up to LOOKAHEAD_DEPTH edges below
-    it: two levels, because an image added to a grown collection keeps the codes of its neighbours and holds what
-    sets it apart in the edge after them (its uniqueness token or EOS edge)."""
+    it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node: at least two levels, because
+    an image added to a grown collection keeps the codes of its neighbours and holds what sets it apart in the edge
+    after them (its uniqueness token or EOS edge)."""
     best = torch.full((len(nodes),), float("-inf"), device=base.device)
     owners = torch.arange(len(nodes), device=base.device)
     sums = torch.zeros(len(nodes), device=base.device)
-    for _ in range(LOOKAHEAD_DEPTH):
+    budget = LOOKAHEAD_FRONTIER * len(nodes)
+    level = 0
+    while True:
         parents, child_edges = engine.edges_of(nodes)
-        if len(child_edges) == 0:
+        if len(child_edges) == 0 or (level >= LOOKAHEAD_DEPTH and len(child_edges) > budget):
             break
+        level += 1
         owners, sums = owners[parents], sums[parents] + _scores(head, base, queries[owners[parents]], child_edges)
         best = best.scatter_reduce(0, owners, sums, "amax")
         nodes = engine.next_node[child_edges]
@@ -148,4 +159,4 @@ def _top_hits(num_queries: int, queries: torch.Tensor, keys: torch.Tensor, score
     return results
 
 
-__all__ = ["LOOKAHEAD_DEPTH", "LOOKAHEAD_POOL", "trie_beam_search"]
+__all__ = ["LOOKAHEAD_DEPTH", "LOOKAHEAD_FRONTIER", "LOOKAHEAD_POOL", "trie_beam_search"]

@@ -9,7 +9,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 from transformers.testing_utils import CaptureLogger
 
-from modeling_gcmr import GcmrConfig, GcmrForRetrieval, query_inputs_gcmr
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval, query_inputs_gcmr, trie_beam_search_gcmr
 from modeling_gcmr.prefix_trie_logits_processor import constrained_generate
 from modeling_gcmr.retrieval_gcmr import search
 from modeling_gcmr.trie_beam_search_gcmr import trie_beam_search
@@ -345,3 +345,26 @@ def test_lookahead_keeps_the_gold_that_the_plain_beam_prunes(text_tokenizer, cap
 
     assert top1(lookahead=4) == gold
     assert sum(found != best for found, best in zip(top1(lookahead=0), gold)) >= 10
+
+
+def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_tokenizer, caption_corpus, monkeypatch):
+    # Four-level structured tree (branching 3, leaves of 3), step 0, one beam. Two levels below a prefix do not reach
+    # the edges that set its images apart; in a collection this small the frontier lets the lookahead go on to the
+    # identifiers' ends, so every prefix is ranked by its best image and the beam finds the exact best every time.
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=3, leaf_size=3))
+    assert tokenizer.max_identifier_length >= 4
+    model = make_model(tokenizer, trained_decoder=False)
+    queries = torch.nn.functional.normalize(torch.randn(200, EMBED_DIM, generator=torch.Generator().manual_seed(4)),
+                                            dim=-1)
+    encoded = model.encode(image_embeds=queries)
+    gold = (queries @ torch.as_tensor(embeddings()).T).argmax(dim=1).tolist()
+
+    def top1():
+        hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=1, top_k=1)
+        return [row[0][0] for row in hits]
+
+    assert top1() == gold
+    monkeypatch.setattr(trie_beam_search_gcmr, "LOOKAHEAD_FRONTIER", 0)
+    assert sum(found != best for found, best in zip(top1(), gold)) >= 10
