@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .query_inputs_gcmr import check_finite_rows
+
 # Identifiers sampled to fit the feature -> trained path-sum map, and its pull towards the identity (per row).
 MAP_SAMPLE = 20_000
 MAP_RIDGE = 1e-3
@@ -145,9 +147,7 @@ def _features(model: Any, count: int, image_embeds: Any, pixel_values: Any, requ
     if features.ndim != 2 or features.shape[0] != count or (width and features.shape[1] != width):
         raise ValueError(f"{name} must have shape ({count}, {width}): one row per key, the identifier width "
                          f"(config.identifier_dim); got {tuple(features.shape)}")
-    finite = torch.isfinite(features).all(dim=1)
-    if not bool(finite.all()):
-        raise ValueError(f"{name} row {int(torch.nonzero(~finite)[0])} holds NaN or inf")
+    check_finite_rows(features, name)
     return features
 
 

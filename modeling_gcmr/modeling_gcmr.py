@@ -39,6 +39,7 @@ from .fusion_gcmr import CoarseToFineFusion, FusionCrossAttention
 from .identifier_head_gcmr import IdentifierHead
 from .identifier_loss_gcmr import identifier_head_loss
 from .pipeline_gcmr import register_pipeline_in_config
+from .query_inputs_gcmr import check_finite_rows
 from .prefix_trie_logits_processor import generate_on_trie
 from .retrieval_gcmr import retrieve
 from .text_head_gcmr import LABEL_PAD_ID, shift_right, text_head_loss
@@ -320,8 +321,7 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
         if tuple(features.shape) != expected:
             raise ValueError(f"image features must have shape {expected} (one row per identifier, the identifier "
                              f"width), got {tuple(features.shape)}")
-        if not bool(torch.isfinite(features).all()):
-            raise ValueError("image features hold NaN or inf")
+        check_finite_rows(features, "image features")
         if self.config.stores_image_features:
             del self.image_features
         self.register_buffer("image_features", features.to(self.device))

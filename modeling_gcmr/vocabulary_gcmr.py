@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .atomic_write_gcmr import MIXED_SAVES_HINT
+from .query_inputs_gcmr import check_finite_rows
 
 INITS = ("auto", "dense", "unit_vectors", "random")
 
@@ -107,9 +108,7 @@ def _feature_matrix(values: Any, num_keys: int) -> torch.Tensor:
     if features.ndim != 2 or features.shape[0] != num_keys:
         raise ValueError(f"image_embeds must have one row per key of the tokenizer: shape ({num_keys}, D), got "
                          f"{tuple(features.shape)}")
-    if not bool(torch.isfinite(features).all()):
-        row = int(torch.nonzero(~torch.isfinite(features).all(dim=1))[0])
-        raise ValueError(f"image_embeds row {row} holds NaN or inf")
+    check_finite_rows(features, "image_embeds")
     return features
 
 

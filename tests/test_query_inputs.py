@@ -102,6 +102,20 @@ def test_image_queries_with_nan_or_inf_are_refused(setup, bad):
         model.retrieve(tokenizer=tokenizer, image_embeds=queries)
 
 
+def test_the_first_non_finite_row_is_named_past_the_first_block(setup, monkeypatch):
+    # Rows are checked in blocks (a full-size mask is half a gigabyte at a million rows): the row named is the
+    # first bad one of the whole matrix, for queries and for the features a model stores alike.
+    monkeypatch.setattr(query_inputs_gcmr, "FINITE_CHECK_ROWS", 4)
+    model, tokenizer, features = setup
+    stored = torch.tensor(features)
+    stored[9, 0], stored[11, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="image features row 9 holds NaN or inf"):
+        model.store_image_features(stored)
+    with pytest.raises(ValueError, match="image_embeds row 9 holds NaN or inf"):
+        model.retrieve(tokenizer=tokenizer, image_embeds=stored)
+    query_inputs_gcmr.check_finite_rows(torch.tensor(features), "image features")
+
+
 def test_image_queries_as_numpy_arrays_or_lists_are_accepted(setup):
     model, tokenizer, features = setup
     as_tensor = model.retrieve(tokenizer=tokenizer, image_embeds=torch.tensor(features[:2]), top_k=2)
