@@ -26,6 +26,12 @@ import torch
 # structured) and 0.2 (coco coarse_fine); 16 x beam with the frontier below loses none of the four.
 LOOKAHEAD_POOL = 16
 LOOKAHEAD_DEPTH = 2
+# Where the full pool's first lookahead level would score more than this many edges per query (wide nodes: the
+# first levels of a million-image trie, structured leaves of 30 in a big collection), the pool falls back to
+# LOOKAHEAD_POOL_FLOOR x beam. A pool of 16 x beam at the root of 1M coarse_fine identifiers (1,024 first codes,
+# up to 256 children each) scored ~30k edges per query, 64 ms per query against 7 ms with a pool of 4.
+LOOKAHEAD_EDGE_BUDGET = 2_048
+LOOKAHEAD_POOL_FLOOR = 4
 # Past LOOKAHEAD_DEPTH the lookahead goes on, level by level, while the next level has at most this many edges per
 # looked-ahead prefix: in a small collection it then reaches the identifiers' ends and ranks each prefix by its best
 # identifier exactly (an identifier's own part of its feature can sit in its EOS edge, a third level below the root's
@@ -91,17 +97,23 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
 
 def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tensor, rows: torch.Tensor,
            edges: torch.Tensor, scores: torch.Tensor, width: int, lookahead: int) -> torch.Tensor:
-    """The `width` prefixes each query keeps, by partial score plus the best path of up to two edges below it.
+    """The `width` prefixes each query keeps, by partial score plus the best path of two (or more) edges below it.
 
     A prefix's partial sum is the score of the mean of the images below it (at step 0), a rough estimate of the best
     image below; the lookahead (base query vectors, no decoder run) makes it sharper. Only the `lookahead * width` best
-    prefixes by partial sum are looked ahead (at the root of atomic identifiers every identifier is a candidate).
+    prefixes by partial sum are looked ahead (at the root of atomic identifiers every identifier is a candidate), or
+    `LOOKAHEAD_POOL_FLOOR * width` where that many would cost more than `LOOKAHEAD_EDGE_BUDGET` edges per query.
     The kept prefixes carry their true partial sums on.
     """
     groups = query_of_row[rows]
     if lookahead <= 0:
         return _best_per_group(groups, scores, width)
     pool = _best_per_group(groups, scores, lookahead * width)
+    floor = min(lookahead, LOOKAHEAD_POOL_FLOOR)
+    if floor < lookahead and len(pool):
+        first_level = int(engine.fanout[engine.next_node[edges[pool]]].sum())
+        if first_level > LOOKAHEAD_EDGE_BUDGET * len(torch.unique(groups[pool])):
+            pool = _best_per_group(groups, scores, floor * width)
     return pool[_best_per_group(groups[pool], scores[pool] + _best_below(head, engine, base, groups[pool],
                                                                          engine.next_node[edges[pool]]), width)]
 
@@ -159,4 +171,5 @@ def _top_hits(num_queries: int, queries: torch.Tensor, keys: torch.Tensor, score
     return results
 
 
-__all__ = ["LOOKAHEAD_DEPTH", "LOOKAHEAD_FRONTIER", "LOOKAHEAD_POOL", "trie_beam_search"]
+__all__ = ["LOOKAHEAD_DEPTH", "LOOKAHEAD_EDGE_BUDGET", "LOOKAHEAD_FRONTIER", "LOOKAHEAD_POOL", "LOOKAHEAD_POOL_FLOOR",
+           "trie_beam_search"]

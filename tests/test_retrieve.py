@@ -368,3 +368,36 @@ def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_token
     assert top1() == gold
     monkeypatch.setattr(trie_beam_search_gcmr, "LOOKAHEAD_FRONTIER", 0)
     assert sum(found != best for found, best in zip(top1(), gold)) >= 10
+
+
+def test_lookahead_pool_falls_back_where_its_first_level_is_too_wide(text_tokenizer, caption_corpus, monkeypatch):
+    # The pool is 16 x beam where looking ahead is cheap, and LOOKAHEAD_POOL_FLOOR x beam where the pool's first
+    # lookahead level would score more than LOOKAHEAD_EDGE_BUDGET edges per query (a million-image trie's root).
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=20, leaf_size=3))
+    model = make_model(tokenizer, trained_decoder=False)
+    queries = torch.nn.functional.normalize(torch.randn(8, EMBED_DIM, generator=torch.Generator().manual_seed(6)),
+                                            dim=-1)
+    encoded = model.encode(image_embeds=queries)
+    looked_ahead = []
+    best_below = trie_beam_search_gcmr._best_below
+
+    def counting(head, engine, base, query_ids, nodes):
+        if len(nodes):
+            looked_ahead.append(len(nodes) / len(torch.unique(query_ids)))
+        return best_below(head, engine, base, query_ids, nodes)
+
+    monkeypatch.setattr(trie_beam_search_gcmr, "_best_below", counting)
+
+    def search(lookahead):
+        looked_ahead.clear()
+        hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=1, top_k=1, lookahead=lookahead)
+        return hits, max(looked_ahead)
+
+    wide, widest_pool = search(trie_beam_search_gcmr.LOOKAHEAD_POOL)
+    assert widest_pool > trie_beam_search_gcmr.LOOKAHEAD_POOL_FLOOR
+    monkeypatch.setattr(trie_beam_search_gcmr, "LOOKAHEAD_EDGE_BUDGET", 1)
+    fallback, fallback_pool = search(trie_beam_search_gcmr.LOOKAHEAD_POOL)
+    assert fallback_pool <= trie_beam_search_gcmr.LOOKAHEAD_POOL_FLOOR
+    assert fallback == search(trie_beam_search_gcmr.LOOKAHEAD_POOL_FLOOR)[0]
