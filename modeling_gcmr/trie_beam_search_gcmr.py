@@ -26,11 +26,11 @@ import torch
 # structured) and 0.2 (coco coarse_fine); 16 x beam with the frontier below loses none of the four.
 LOOKAHEAD_POOL = 16
 LOOKAHEAD_DEPTH = 2
-# Where the full pool's first lookahead level would score more than this many edges per query (wide nodes: the
+# Where the full pool's first two lookahead levels would score more than this many edges per query (wide nodes: the
 # first levels of a million-image trie, structured leaves of 30 in a big collection), the pool falls back to
-# LOOKAHEAD_POOL_FLOOR x beam. A pool of 16 x beam at the root of 1M coarse_fine identifiers (1,024 first codes,
-# up to 256 children each) scored ~30k edges per query, 64 ms per query against 7 ms with a pool of 4.
-LOOKAHEAD_EDGE_BUDGET = 2_048
+# LOOKAHEAD_POOL_FLOOR x beam. At 1M coarse_fine identifiers (synthetic, benchmarks/scale.py) a pool of 16 x beam
+# cost 61 ms per query against 13 ms with a pool of 4; the dev tries stay far below the budget (their R@10 above).
+LOOKAHEAD_EDGE_BUDGET = 4_096
 LOOKAHEAD_POOL_FLOOR = 4
 # Past LOOKAHEAD_DEPTH the lookahead goes on, level by level, while the next level has at most this many edges per
 # looked-ahead prefix: in a small collection it then reaches the identifiers' ends and ranks each prefix by its best
@@ -102,7 +102,8 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
     A prefix's partial sum is the score of the mean of the images below it (at step 0), a rough estimate of the best
     image below; the lookahead (base query vectors, no decoder run) makes it sharper. Only the `lookahead * width` best
     prefixes by partial sum are looked ahead (at the root of atomic identifiers every identifier is a candidate), or
-    `LOOKAHEAD_POOL_FLOOR * width` where that many would cost more than `LOOKAHEAD_EDGE_BUDGET` edges per query.
+    `LOOKAHEAD_POOL_FLOOR * width` where that many would score more than `LOOKAHEAD_EDGE_BUDGET` edges per query in
+    the lookahead's first two levels.
     The kept prefixes carry their true partial sums on.
     """
     groups = query_of_row[rows]
@@ -111,8 +112,9 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
     pool = _best_per_group(groups, scores, lookahead * width)
     floor = min(lookahead, LOOKAHEAD_POOL_FLOOR)
     if floor < lookahead and len(pool):
-        first_level = int(engine.fanout[engine.next_node[edges[pool]]].sum())
-        if first_level > LOOKAHEAD_EDGE_BUDGET * len(torch.unique(groups[pool])):
+        _, first_level = engine.edges_of(engine.next_node[edges[pool]])
+        work = len(first_level) + int(engine.fanout[engine.next_node[first_level]].sum())
+        if work > LOOKAHEAD_EDGE_BUDGET * len(torch.unique(groups[pool])):
             pool = _best_per_group(groups, scores, floor * width)
     return pool[_best_per_group(groups[pool], scores[pool] + _best_below(head, engine, base, groups[pool],
                                                                          engine.next_node[edges[pool]]), width)]
@@ -120,13 +122,14 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
 
 def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """Per node, the best sum of edge scores (base query vectors) over the paths of up to LOOKAHEAD_DEPTH edges below
-    it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node: at least two levels, because
+    it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node and LOOKAHEAD_EDGE_BUDGET per
+    query: at least two levels, because
     an image added to a grown collection keeps the codes of its neighbours and holds what sets it apart in the edge
     after them (its uniqueness token or EOS edge)."""
     best = torch.full((len(nodes),), float("-inf"), device=base.device)
     owners = torch.arange(len(nodes), device=base.device)
     sums = torch.zeros(len(nodes), device=base.device)
-    budget = LOOKAHEAD_FRONTIER * len(nodes)
+    budget = min(LOOKAHEAD_FRONTIER * len(nodes), LOOKAHEAD_EDGE_BUDGET * len(torch.unique(queries)))
     level = 0
     while True:
         parents, child_edges = engine.edges_of(nodes)
