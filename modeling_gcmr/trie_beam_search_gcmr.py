@@ -110,22 +110,23 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
     if lookahead <= 0:
         return _best_per_group(groups, scores, width)
     pool = _best_per_group(groups, scores, lookahead * width)
+    nodes = engine.next_node[edges[pool]]
     floor = min(lookahead, LOOKAHEAD_POOL_FLOOR)
     if floor < lookahead and len(pool):
-        _, first_level = engine.edges_of(engine.next_node[edges[pool]])
+        _, first_level = engine.edges_of(nodes)
         work = len(first_level) + int(engine.fanout[engine.next_node[first_level]].sum())
         if work > LOOKAHEAD_EDGE_BUDGET * len(torch.unique(groups[pool])):
             pool = _best_per_group(groups, scores, floor * width)
-    return pool[_best_per_group(groups[pool], scores[pool] + _best_below(head, engine, base, groups[pool],
-                                                                         engine.next_node[edges[pool]]), width)]
+            nodes = engine.next_node[edges[pool]]
+    ahead = _best_below(head, engine, base, groups[pool], nodes)
+    return pool[_best_per_group(groups[pool], scores[pool] + ahead, width)]
 
 
 def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """Per node, the best sum of edge scores (base query vectors) over the paths of up to LOOKAHEAD_DEPTH edges below
     it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node and LOOKAHEAD_EDGE_BUDGET per
-    query: at least two levels, because
-    an image added to a grown collection keeps the codes of its neighbours and holds what sets it apart in the edge
-    after them (its uniqueness token or EOS edge)."""
+    query: at least two levels, because an image added to a grown collection keeps the codes of its neighbours and
+    holds what sets it apart in the edge after them (its uniqueness token or EOS edge)."""
     best = torch.full((len(nodes),), float("-inf"), device=base.device)
     owners = torch.arange(len(nodes), device=base.device)
     sums = torch.zeros(len(nodes), device=base.device)
