@@ -29,7 +29,8 @@ LOOKAHEAD_DEPTH = 2
 # Where the full pool's first two lookahead levels would score more than this many edges per query (wide nodes: the
 # first levels of a million-image trie, structured leaves of 30 in a big collection), the pool falls back to
 # LOOKAHEAD_POOL_FLOOR x beam. At 1M coarse_fine identifiers (synthetic, benchmarks/scale.py) a pool of 16 x beam
-# cost 61 ms per query against 13 ms with a pool of 4; the dev tries stay far below the budget (their R@10 above).
+# cost 61 ms per query against 13 ms with a pool of 4 (a profile); with the budget the scale run measured 17.5 ms, the
+# pool of 16 one level below the root still being looked ahead. The dev tries stay far below the budget.
 LOOKAHEAD_EDGE_BUDGET = 4_096
 LOOKAHEAD_POOL_FLOOR = 4
 # Past LOOKAHEAD_DEPTH the lookahead goes on, level by level, while the next level has at most this many edges per
@@ -111,29 +112,32 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
         return _best_per_group(groups, scores, width)
     pool = _best_per_group(groups, scores, lookahead * width)
     nodes = engine.next_node[edges[pool]]
+    first_level = engine.edges_of(nodes)
     floor = min(lookahead, LOOKAHEAD_POOL_FLOOR)
     if floor < lookahead and len(pool):
-        _, first_level = engine.edges_of(nodes)
-        work = len(first_level) + int(engine.fanout[engine.next_node[first_level]].sum())
+        work = len(first_level[1]) + int(engine.fanout[engine.next_node[first_level[1]]].sum())
         if work > LOOKAHEAD_EDGE_BUDGET * len(torch.unique(groups[pool])):
             pool = _best_per_group(groups, scores, floor * width)
             nodes = engine.next_node[edges[pool]]
-    ahead = _best_below(head, engine, base, groups[pool], nodes)
+            first_level = engine.edges_of(nodes)
+    ahead = _best_below(head, engine, base, groups[pool], nodes, first_level)
     return pool[_best_per_group(groups[pool], scores[pool] + ahead, width)]
 
 
-def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor,
+                first_level: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Per node, the best sum of edge scores (base query vectors) over the paths of up to LOOKAHEAD_DEPTH edges below
     it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node and LOOKAHEAD_EDGE_BUDGET per
     query: at least two levels, because an image added to a grown collection keeps the codes of its neighbours and
-    holds what sets it apart in the edge after them (its uniqueness token or EOS edge)."""
+    holds what sets it apart in the edge after them (its uniqueness token or EOS edge). `first_level` is
+    `engine.edges_of(nodes)`, which the caller has already looked up to size the pool."""
     best = torch.full((len(nodes),), float("-inf"), device=base.device)
     owners = torch.arange(len(nodes), device=base.device)
     sums = torch.zeros(len(nodes), device=base.device)
     budget = min(LOOKAHEAD_FRONTIER * len(nodes), LOOKAHEAD_EDGE_BUDGET * len(torch.unique(queries)))
     level = 0
     while True:
-        parents, child_edges = engine.edges_of(nodes)
+        parents, child_edges = first_level if level == 0 else engine.edges_of(nodes)
         if len(child_edges) == 0 or (level >= LOOKAHEAD_DEPTH and len(child_edges) > budget):
             break
         level += 1

@@ -383,10 +383,10 @@ def test_lookahead_pool_falls_back_where_its_first_level_is_too_wide(text_tokeni
     looked_ahead = []
     best_below = trie_beam_search_gcmr._best_below
 
-    def counting(head, engine, base, query_ids, nodes):
+    def counting(head, engine, base, query_ids, nodes, first_level):
         if len(nodes):
             looked_ahead.append(len(nodes) / len(torch.unique(query_ids)))
-        return best_below(head, engine, base, query_ids, nodes)
+        return best_below(head, engine, base, query_ids, nodes, first_level)
 
     monkeypatch.setattr(trie_beam_search_gcmr, "_best_below", counting)
 
