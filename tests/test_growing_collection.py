@@ -363,7 +363,7 @@ def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_t
     model.remove_images(OLD_KEYS[:20], tokenizer)
     assert set(replay_sample(old, tokenizer, 100)["image_key"]) == set(OLD_KEYS[20:])
     before = model.identifier_head.edge_vectors.detach().clone()
-    metrics = refresh_after_add(model, tokenizer, new, old, args, replay_ratio=0.5)
+    metrics = refresh_after_add(model, tokenizer, new, old, args, replay_ratio=0.5, scope="all")
     assert metrics["train_loss"] > 0 and not model.training
     assert not torch.equal(before, model.identifier_head.edge_vectors.detach())
     hits = model.retrieve(CAPTIONS[NUM_OLD:], tokenizer, top_k=3, num_beams=5)
@@ -381,7 +381,7 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
                                  save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
     refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW),
-                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args, scope="new")
+                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args)  # scope="new" is the default
     old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
     changed = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
     assert changed == ["identifier_head.edge_vectors"]

@@ -6,12 +6,16 @@ memorize and caption rows plus a sample of old images (replay; DSI++, Mehta et a
 new documents alone makes a generative retriever forget old ones), through the same path as `run_gcmr.py`:
 `build_training_examples`, `GcmrDataCollator` and a plain `transformers.Trainer`.
 
-What it trains: by default (`scope="all"`) the whole model, at a small learning rate: a fresh AdamW state moves
-every parameter by about the learning rate per step, softmax negatives included, so the run_gcmr rate (3e-4) cost
-old images 40 points of R@1 in five rounds on a 300-image f30k-test dev split, while 3e-5 with replay lifted new
-images from 58 to 68 (full retrain: 74) for about 2 points of old ones. `scope="new"` trains only the edge vectors
-that no old identifier uses: old identifiers then score exactly as before, but new images gained little there
-(the shared prefixes and the query side decide whether beam search reaches them).
+What it trains: by default (`scope="new"`, identifier head) only the edge vectors that no old identifier uses (for
+coarse_fine ids placed by the model, each new image's own last edges): old identifiers then score exactly as
+before, and old images lose only what the added candidates take from them. `scope="all"` trains the whole model,
+which forgets: a fresh AdamW state moves every parameter by about the learning rate per step. Measured on f30k-dev
+(the tuning set; `benchmarks/growing_collection.py --dataset f30k-dev`, 20% of 1,014 images added in 5 rounds,
+one epoch per round, replay 1:1): scope "all" lost old images 4.6 (lr 1e-5) to 43 (lr 3e-4) points of R@1 where
+adding with no training lost 3.5 and dense search 2.3 from the added candidates alone; scope "new" at lr 1e-3 lost
+2.5 and kept new images at 1.02x a full retrain (lr 1e-4: no change from no training; 1e-2: both fall).
+A text-head model (string/semantic ids without the identifier head) has no edge vectors: it trains the whole
+model whatever the scope.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ def replay_sample(old_corpus: datasets.Dataset, tokenizer: Any, count: int, seed
 def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, old_corpus: datasets.Dataset | None,
                       training_args: TrainingArguments, replay_ratio: float = 1.0,
                       examples: TrainingExamplesConfig | None = None,
-                      freeze_text_encoder: bool | None = True, scope: str = "all") -> dict[str, float]:
+                      freeze_text_encoder: bool | None = True, scope: str = "new") -> dict[str, float]:
     """Fine-tune `model` on the added images of `new_corpus` plus `replay_ratio` old images per new one.
 
     Args:
@@ -51,8 +55,8 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
         examples: how rows are made (default: memorize + every caption, joint schedule).
         freeze_text_encoder: freeze the text encoder for the refresh (its states are then cached: fast); None keeps
             the model's setting.
-        scope: "all": the whole model (use a small learning rate, e.g. 3e-5, no warm-up); "new" (identifier head):
-            only the new identifiers' own edge vectors.
+        scope: "new" (identifier head): only the new identifiers' own edge vectors (learning rate about 1e-3, no
+            warm-up); "all": the whole model (a small learning rate, e.g. 1e-5: old images forget).
 
     Returns the Trainer's training metrics.
     """
