@@ -29,6 +29,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch's own switch: its CPU allocator asks for transparent huge pages (madvise) on large tensors. At 1M images
+# the fit and add_images write gigabytes of fresh memory, and 4 KB page faults dominated them on this machine
+# (1M coarse_fine add of 10k: 13.2 s without, 9.5 s with; fit 38 s against 25 s). Read once, before torch allocates,
+# and inherited by the worker processes. THP_MEM_ALLOC_ENABLE=0 measures without.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -246,7 +251,8 @@ def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
 
 def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float) -> dict:
     folder = work / f"{id_type}_{size}"
-    result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM}
+    result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM,
+                              "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
                    "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb)]
@@ -390,7 +396,13 @@ Fixed (each with a test in `tests/test_scale.py`, `tests/test_checkpoint_safety.
   allocated an (edges x D) scratch matrix per depth plus a copy of the features. Now one set is filled in place in
   chunks of 16k rows; nothing else of size (images x D) or (edges x D) is allocated. The finiteness checks of
   features and queries (one front door, `check_finite_rows`) work in blocks of 65,536 rows instead of a full-size
-  mask. The fit's peak at 1M went from 10.99 GB to 7.6 GB, and build + fit + save + load from 10.4 to ~2.5 min.
+  mask. The fit's peak at 1M went from 10.99 GB to 7.6 GB, and build + fit + save + load from 10.4 to ~2.0 min.
+- Fresh memory: at 1M the fit and `add_images` write gigabytes of new tensors, and 4 KB page faults were most of
+  their time here. The script now sets PyTorch's `THP_MEM_ALLOC_ENABLE=1` (huge pages for large CPU tensors; the
+  user guide recommends it for million-image collections). Profiled in one process each (1M coarse_fine, add of
+  10k with placement="centroids"): add 13.2 -> 9.5 s, fit 38 -> 25 s. In the scale run (previous run without ->
+  this run with): fit 45.7 -> 25.7 s, save 25.1 -> 22.0 s, add 10k 12.1 -> 10.5 s, placement="model" 78 -> 29 ms
+  per image, retrieve 17.5 -> 7.9 ms per query. The runs marked in the line above the table had it.
 - `add_images` probed the uniqueness token `<u_j>` of every repeated identifier one row and one j at a time
   (O(adds x group size), quadratic when many images land in one group): 10,000 images added to 1M did not finish
   in 15 minutes. Now one trie lookup finds every free `<u_j>`: the 10,000 are added in ~10-13 s.
@@ -408,8 +420,9 @@ Fixed (each with a test in `tests/test_scale.py`, `tests/test_checkpoint_safety.
   search took 64 ms per query.
 
 Not fixed (why):
-- Search at 1M is still slower than at 10k. One level below the root, the pool of 16 x beam stays within the edge
-  budget but is still looked ahead at real cost (~1-2 s of a batch of 64 at 1M in a profile). The pool was chosen
+- Search at 1M is still slower than at 10k (7.9 against 1.9 ms per query: 4.1x). One level below the root, the
+  pool of 16 x beam stays within the edge budget but is still looked ahead at real cost (~1-2 s of a batch of 64 at
+  1M in a profile, before huge pages). The pool was chosen
   for R@10 on the dev collections (1,000 images, where it costs nothing). Atomic identifiers have one token per
   image, so the first beam step scores every identifier: their retrieval grows linearly with the collection by
   construction.
@@ -428,8 +441,12 @@ Not fixed (why):
   place would break the nothing-half-changed rule; not done.
 - `add_images` with the default `placement="model"` runs one beam search per new image (ms per image in the
   results); `placement="centroids"` is the bulk path timed as "add 10k". Each add rebuilds the trie and the head's
-  vectors (edge numbers change), so its cost has an O(collection) part (~8 s of trie rebuild at 1M): adding
-  10,000 to 1M takes ~10-13 s against the 5 s target.
+  vectors (edge numbers change), so its cost has an O(collection) part. A profile of the 1M add (10.5 s in the
+  run) puts it in memory, not in the trie: writing the grown edge-vector table (3.3M edges x 512 floats, 6.8 GB,
+  old rows scattered to their new numbers) takes 5.5-7 s, concatenating the stored features 1.5-3 s; the trie
+  rebuild is 0.4 s and preparing the new identifiers 1.2-1.5 s. 5 s needs edge numbers that an add does not change
+  (new edges appended after the old ones, the trie's CSR order kept by an edge-number indirection), so that the
+  table grows at its end instead of being rewritten: a change of the trie and head layout, not done.
 - Identifier building at 1M is i16a's streamed build (issue 16, bounded memory); the figures here are the in-memory
   `build_identifiers` of this revision.
 """
@@ -442,10 +459,13 @@ def report(command: str) -> None:
         raise SystemExit(f"no results under {RESULTS}")
     plot(results, PLOT_PATH)
     loads = ", ".join(f"{r['id_type']} {r['size']:,}: {r.get('load_average', 0):.1f}" for r in results)
+    huge = ", ".join(f"{r['id_type']} {r['size']:,}" for r in results if r.get("huge_pages")) or "none"
     text = "\n\n".join(part for part in [
         "## Scale: the whole user path at 10k, 100k and 1M images",
         f"```\n{command}\n```",
-        f"Machine: {machine()}; revision {git_revision()}. Load average (1 min) when each run ended: {loads}.",
+        f"Machine: {machine()}; revision {git_revision()}. Load average (1 min) when each run ended: {loads}. "
+        f"Runs with PyTorch's huge-page allocation (`THP_MEM_ALLOC_ENABLE=1`, the script's default since issue 16's "
+        f"second pass; the others ran before it): {huge}.",
         "Tiny model (T5 d_model 32, one layer) on 512-d seeded clustered features, so the figures are what grows "
         "with the collection. Peak RSS is each step's own (reset before it); build..save run in one process, load.."
         "remove in a fresh one. Train: memorize steps of batch 64 with AdamW (a full epoch, or the step count shown).",
