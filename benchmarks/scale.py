@@ -55,6 +55,7 @@ from report import REPO, git_revision, machine, markdown_table, write_section  #
 RESULTS = REPO / "benchmarks" / "results" / "scale"
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 PLOT_PATH = REPO / "docs" / "scale.png"
+FINDINGS = Path(__file__).with_name("scale_findings.md")  # what the runs showed: prose, kept out of the code
 DIM = 512
 CLUSTERS = 1000
 BATCH = 64
@@ -387,71 +388,6 @@ def targets(results: list[dict]) -> str:
     return markdown_table(["target (coarse_fine)", "measured", ""], rows) if rows else ""
 
 
-FINDINGS = """### What the runs showed, and what was done
-
-Fixed (each with a test in `tests/test_scale.py`, `tests/test_checkpoint_safety.py`, `tests/test_query_inputs.py` or
-`tests/test_retrieve.py`):
-- The vocabulary fit at 1M was killed at 11 GB RSS: the identifier head's edge vectors (2.1M trie edges x 512
-  floats = 4.4 GB) existed twice (built at the config's size, then replaced by a zero set), and the dense start
-  allocated an (edges x D) scratch matrix per depth plus a copy of the features. Now one set is filled in place in
-  chunks of 16k rows; nothing else of size (images x D) or (edges x D) is allocated. The finiteness checks of
-  features and queries (one front door, `check_finite_rows`) work in blocks of 65,536 rows instead of a full-size
-  mask. The fit's peak at 1M went from 10.99 GB to 7.6 GB, and build + fit + save + load from 10.4 to ~2.0 min.
-- Fresh memory: at 1M the fit and `add_images` write gigabytes of new tensors, and 4 KB page faults were most of
-  their time here. The script now sets PyTorch's `THP_MEM_ALLOC_ENABLE=1` (huge pages for large CPU tensors; the
-  user guide recommends it for million-image collections). Profiled in one process each (1M coarse_fine, add of
-  10k with placement="centroids"): add 13.2 -> 9.5 s, fit 38 -> 25 s. In the scale run (previous run without ->
-  this run with): fit 45.7 -> 25.7 s, save 25.1 -> 22.0 s, add 10k 12.1 -> 10.5 s, placement="model" 78 -> 29 ms
-  per image, retrieve 17.5 -> 7.9 ms per query. The runs marked in the line above the table had it.
-- `add_images` probed the uniqueness token `<u_j>` of every repeated identifier one row and one j at a time
-  (O(adds x group size), quadratic when many images land in one group): 10,000 images added to 1M did not finish
-  in 15 minutes. Now one trie lookup finds every free `<u_j>`: the 10,000 are added in ~10-13 s.
-- `add_images` held three sets of edge vectors at once (old, grown, and a zero set): now the head takes the grown
-  set directly (two).
-- A save that runs out of disk (`ENOSPC`, `EFBIG`, `EDQUOT`) raises `DiskFullError` naming the checkpoint folder;
-  the old checkpoint stays byte for byte and no staging folder is left (tested with `RLIMIT_FSIZE` in a child).
-- Loading memory-maps the weights (safetensors): the load step's peak RSS stays far below the checkpoint size.
-- Training looks up edge vectors with `index_select` (its backward is an `index_add_`, about half the time of
-  advanced indexing's accumulating `index_put_` on CPU; 2.0 -> 0.9 s for one backward over 200k edges and 32k
-  sampled paths in isolation). 100k coarse_fine trains at ~25 examples/s here (30 steps, quiet machine); the
-  earlier run's 2 examples/s was under load 13-17, so the two rows do not compare.
-- The beam's lookahead pool (16 x beam since issue 15's R@10 work) falls back to 4 x beam where the pool's first
-  two lookahead levels would score more than `LOOKAHEAD_EDGE_BUDGET` edges per query: without it, 1M coarse_fine
-  search took 64 ms per query.
-
-Not fixed (why):
-- Search at 1M is still slower than at 10k (7.9 against 1.9 ms per query: 4.1x). One level below the root, the
-  pool of 16 x beam stays within the edge budget but is still looked ahead at real cost (~1-2 s of a batch of 64 at
-  1M in a profile, before huge pages). The pool was chosen
-  for R@10 on the dev collections (1,000 images, where it costs nothing). Atomic identifiers have one token per
-  image, so the first beam step scores every identifier: their retrieval grows linearly with the collection by
-  construction.
-- Training step cost still grows with the number of trie edges: AdamW updates every edge vector every step, and
-  each lookup's backward writes a dense (edges x D) gradient. At 1M, AdamW's gradient and two moments (3 x 4.4 GB)
-  do not fit beside the model in the 18 GB the run allows, so the 1M training step is skipped and said so. The
-  remedy is a sparse gradient and a lazy (row-wise) Adam for the edge vectors: a change of the training head and
-  of the Trainer's optimizer (and of DDP, whose NCCL backend has no sparse all-reduce).
-- The checkpoint is about (edges per image + 1) x the stored features: one 512-d vector per trie edge (about 2.1
-  per image, each identifier's EOS edge included) plus the stored features. 1.5x needs fewer stored floats per
-  image (half-precision vectors, or shared/low-rank leaf vectors): a checkpoint format change.
-- Peak RSS at 1M: the fit keeps features + edge vectors (2.0 + 4.4 GB) and peaks at 7.6 GB (3.7x the raw
-  features). `add_images` prepares the grown edge vectors and features before it changes anything (so a failure
-  leaves the model as it was), so it holds the old and the new sets at once: 14 GB for an add at 1M, and 20.7 GB for
-  the second add of the run (the first add's freed pages are not back with the system yet). Growing the sets in
-  place would break the nothing-half-changed rule; not done.
-- `add_images` with the default `placement="model"` runs one beam search per new image (ms per image in the
-  results); `placement="centroids"` is the bulk path timed as "add 10k". Each add rebuilds the trie and the head's
-  vectors (edge numbers change), so its cost has an O(collection) part. A profile of the 1M add (10.5 s in the
-  run) puts it in memory, not in the trie: writing the grown edge-vector table (3.3M edges x 512 floats, 6.8 GB,
-  old rows scattered to their new numbers) takes 5.5-7 s, concatenating the stored features 1.5-3 s; the trie
-  rebuild is 0.4 s and preparing the new identifiers 1.2-1.5 s. 5 s needs edge numbers that an add does not change
-  (new edges appended after the old ones, the trie's CSR order kept by an edge-number indirection), so that the
-  table grows at its end instead of being rewritten: a change of the trie and head layout, not done.
-- Identifier building at 1M is i16a's streamed build (issue 16, bounded memory); the figures here are the in-memory
-  `build_identifiers` of this revision.
-"""
-
-
 def report(command: str) -> None:
     results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(RESULTS.glob("*.json"))]
     results.sort(key=lambda r: (r["id_type"], r["size"]))
@@ -472,7 +408,7 @@ def report(command: str) -> None:
         table(results),
         targets(results),
         "![cost against collection size](scale.png)",
-        FINDINGS,
+        FINDINGS.read_text(encoding="utf-8").strip(),
     ] if part)
     write_section(DOC_PATH, "scale", text, "# Benchmarks\n")
     print(table(results))
