@@ -218,9 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     encoder, text_tokenizer = BertModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     index = DenseIndex(keys, features)
 
-    def dense_search():
-        return index.search(embed_sentences(encoder, text_tokenizer, queries, args.batch_size, "dense queries"),
-                            top_k=max(KS))
+    def dense_search(over: DenseIndex, query_encoder: BertModel, desc: str):
+        """A timed dense system: the query encoder on the test queries, then exact inner product over `over`."""
+        return lambda: over.search(embed_sentences(query_encoder, text_tokenizer, queries, args.batch_size, desc),
+                                   top_k=max(KS))
 
     work = out_dir / "run"
     corpus = write_jsonl(out_dir / "corpus.jsonl", [
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     retriever = work / "retriever"
     model, tokenizer = GcmrForRetrieval.from_pretrained(retriever).eval(), ImageIdTokenizer.from_pretrained(retriever)
-    searches = {"dense MiniLM (faiss IP)": dense_search}
+    searches = {"dense MiniLM (faiss IP)": dense_search(index, encoder, "dense queries")}
     peer = {}
     if args.dense_finetune_epochs > 0:
         rows = {key: row for row, key in enumerate(keys)}
@@ -265,21 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
             encoder, text_tokenizer, texts, [rows[key] for key in keys for _ in FEATURE_CAPTIONS], features,
             epochs=args.dense_finetune_epochs, learning_rate=args.dense_finetune_learning_rate,
             batch_size=args.batch_size)
-
-        def tuned_search():
-            return index.search(embed_sentences(tuned, text_tokenizer, queries, args.batch_size, "fine-tuned dense"),
-                                top_k=max(KS))
-
-        searches[FINETUNED] = tuned_search
+        searches[FINETUNED] = dense_search(index, tuned, "fine-tuned dense")
     if variant:
         # The training captions folded into a dense index: what a dense user could do with the same captions.
         expanded = DenseIndex(keys, image_features(captions, folder, cache, source))
-
-        def expanded_search():
-            return expanded.search(embed_sentences(encoder, text_tokenizer, queries, args.batch_size, "dense queries"),
-                                   top_k=max(KS))
-
-        searches[EXPANDED] = expanded_search
+        searches[EXPANDED] = dense_search(expanded, encoder, "dense queries")
     slugs = {"dense MiniLM (faiss IP)": "dense", FINETUNED: "dense_finetuned", EXPANDED: "dense_expanded"}
     for mode in RERANK_MODES if args.rerank else (None,):
         name = f"generative ({args.id_type})" + (f" + rerank {mode}" if mode else "")
