@@ -146,15 +146,14 @@ def real_captions(args: GrowingArguments, run_args: list[str], out_dir: Path) ->
     encoder, text_tokenizer = BertModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     index = DenseIndex(keys, features)
 
-    def dense(texts):
-        return index.search(embed_sentences(encoder, text_tokenizer, texts, args.batch_size, "dense"), top_k=1)
+    def dense_over(over: DenseIndex):
+        return lambda texts: over.search(embed_sentences(encoder, text_tokenizer, texts, args.batch_size, "dense"),
+                                         top_k=1)
 
-    results: dict = {"dense (all images)": _evaluate(dense, final_sets)}
+    results: dict = {"dense (all images)": _evaluate(dense_over(index), final_sets)}
     # Old queries facing 25% more candidates lose points in any retriever: dense over the first 80% shows how many.
-    old_index = DenseIndex([keys[r] for r in old_rows], features[old_rows])
     results["dense on 80% (before adding)"] = _evaluate(
-        lambda texts: old_index.search(embed_sentences(encoder, text_tokenizer, texts, args.batch_size, "dense"),
-                                       top_k=1), {"old": final_sets["old"]})
+        dense_over(DenseIndex([keys[r] for r in old_rows], features[old_rows])), {"old": final_sets["old"]})
 
     base_corpus = write_jsonl(out_dir / "corpus_old.jsonl", [
         {"image_key": keys[r], "captions": [captions[r][j] for j in FEATURE_CAPTIONS],

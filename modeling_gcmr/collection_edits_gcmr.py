@@ -187,9 +187,7 @@ def _grown_head(head: Any, edit: Any, features: torch.Tensor) -> tuple[torch.Ten
     mapping = torch.full((head.edge_vectors.shape[0],), -1, dtype=torch.long)
     mapping[old_paths[valid]] = paths[:old_count, :old_width][valid]
     old_vectors = head.edge_vectors.detach()
-    # Not zeroed: every row is written below (old edges by the mapping, new ones from the features), and at a million
-    # identifiers a zeroing pass over gigabytes of fresh memory cost seconds.
-    vectors = old_vectors.new_empty(edit.trie.num_edges, old_vectors.shape[1])
+    vectors = old_vectors.new_zeros(edit.trie.num_edges, old_vectors.shape[1])
     vectors[mapping.to(vectors.device)] = old_vectors
     known = torch.zeros(len(vectors), dtype=torch.bool)
     known[mapping] = True
