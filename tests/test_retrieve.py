@@ -370,6 +370,62 @@ def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_token
     assert sum(found != best for found, best in zip(top1(), gold)) >= 10
 
 
+def test_lookahead_scores_the_same_by_matrix_product_and_pair_by_pair(text_tokenizer, caption_corpus, monkeypatch):
+    # `_scores` picks one (queries x distinct edges) product or per-pair gathers by SHARED_SCORE_RATIO, a speed
+    # choice only: forcing either side must give the same hits and the same scores.
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=3, leaf_size=3))
+    model = make_model(tokenizer, trained_decoder=True)
+    queries = torch.nn.functional.normalize(torch.randn(50, EMBED_DIM, generator=torch.Generator().manual_seed(5)),
+                                            dim=-1)
+    encoded = model.encode(image_embeds=queries)
+
+    def search(ratio):
+        monkeypatch.setattr(trie_beam_search_gcmr, "SHARED_SCORE_RATIO", ratio)
+        return trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=3, top_k=5)
+
+    paired, shared = search(0), search(10**9)
+    assert [[key for key, _ in row] for row in paired] == [[key for key, _ in row] for row in shared]
+    assert torch.tensor([score for row in paired for _, score in row]) == pytest.approx(
+        torch.tensor([score for row in shared for _, score in row]), abs=1e-4)
+
+
+def test_lookahead_that_reached_the_ends_is_not_walked_again(text_tokenizer, caption_corpus, monkeypatch):
+    # Four-level structured tree, decoder trained: in a collection this small the first step's lookahead walks every
+    # path to its end, so its values are exact and later steps reuse them (their candidates lie below the prefixes it
+    # walked). Reusing must change nothing against walking again at every step, and must walk only once.
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=3, leaf_size=3))
+    assert tokenizer.max_identifier_length >= 4
+    model = make_model(tokenizer, trained_decoder=True)
+    queries = torch.nn.functional.normalize(torch.randn(40, EMBED_DIM, generator=torch.Generator().manual_seed(7)),
+                                            dim=-1)
+    encoded = model.encode(image_embeds=queries)
+    walks = []
+    best_below = trie_beam_search_gcmr._best_below
+
+    def counting(*args):
+        walks.append(len(args[4]))
+        return best_below(*args)
+
+    monkeypatch.setattr(trie_beam_search_gcmr, "_best_below", counting)
+
+    def search():
+        walks.clear()
+        hits = trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=2, top_k=5)
+        return hits, len(walks)
+
+    reused, reused_walks = search()
+    monkeypatch.setattr(trie_beam_search_gcmr._KnownAhead, "add", lambda self, *args: None)
+    walked, every_step = search()
+    assert reused_walks == 1 < every_step
+    assert [[key for key, _ in row] for row in reused] == [[key for key, _ in row] for row in walked]
+    assert torch.tensor([score for row in reused for _, score in row]) == pytest.approx(
+        torch.tensor([score for row in walked for _, score in row]), abs=1e-4)
+
+
 def test_lookahead_pool_falls_back_where_its_first_level_is_too_wide(text_tokenizer, caption_corpus, monkeypatch):
     # The pool is 16 x beam where looking ahead is cheap, and LOOKAHEAD_POOL_FLOOR x beam where the pool's first
     # lookahead level would score more than LOOKAHEAD_EDGE_BUDGET edges per query (a million-image trie's root).
@@ -383,10 +439,10 @@ def test_lookahead_pool_falls_back_where_its_first_level_is_too_wide(text_tokeni
     looked_ahead = []
     best_below = trie_beam_search_gcmr._best_below
 
-    def counting(head, engine, base, query_ids, nodes, first_level):
+    def counting(head, engine, base, query_ids, nodes, first_level, known):
         if len(nodes):
             looked_ahead.append(len(nodes) / len(torch.unique(query_ids)))
-        return best_below(head, engine, base, query_ids, nodes, first_level)
+        return best_below(head, engine, base, query_ids, nodes, first_level, known)
 
     monkeypatch.setattr(trie_beam_search_gcmr, "_best_below", counting)
 
