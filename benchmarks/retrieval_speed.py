@@ -125,10 +125,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                          *(sys.argv[1:] if argv is None else argv)]),
                                                     "runs": results})
     plot(results, args.output_dir / "retrieval_speed.png")
-    rows = [[r["run_id"], f"{r['num_queries']:,}", f"{r['systems'][DENSE]['queries_per_second']:.0f}",
-             f"{r['systems'][r['generative']]['queries_per_second']:.0f}", f"{r['ratio']:.2f}", f"{r['ratio_at_run']:.2f}",
-             f"{100 * r['systems'][r['generative']]['recall@1']:.1f} / {100 * r['recall@1_at_run']:.1f}"]
-            for r in results]
+    rows = []
+    for r in results:
+        generative = r["systems"][r["generative"]]
+        rows.append([r["run_id"], f"{r['num_queries']:,}", f"{r['systems'][DENSE]['queries_per_second']:.0f}",
+                     f"{generative['queries_per_second']:.0f}", f"{r['ratio']:.2f}", f"{r['ratio_at_run']:.2f}",
+                     f"{100 * generative['recall@1']:.1f} / {100 * r['recall@1_at_run']:.1f}"])
     print(markdown_table(["run", "queries", "dense q/s", "generative q/s", "q/s / dense now", "at the run",
                           "generative R@1 now / at the run"], rows))
     print(f"machine: {machine()}")

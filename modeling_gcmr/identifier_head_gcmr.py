@@ -158,11 +158,12 @@ class IdentifierHead(nn.Module):
         the (R, D) product that `(q * v).sum(-1)` writes (a third faster on CPU at 63k rows of 384)."""
         return self.scale * torch.einsum("rd,rd->r", queries, self.vectors_of(edges))
 
-    def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        """scale * q . v(edge) for every query against the same edges: queries (R, D), edges (E,) -> (R, E). One
-        matrix product, where pairing would gather an (R * E, D) copy of the edge vectors (at the root of a million
-        atomic identifiers, gigabytes per batch)."""
-        return self.scale * (queries @ self.vectors_of(edges).T)
+    def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor | None) -> torch.Tensor:
+        """scale * q . v(edge) for every query against the same edges (None: every edge of the trie): queries (R, D),
+        edges (E,) -> (R, E). One matrix product, where pairing would gather an (R * E, D) copy of the edge vectors
+        (at the root of a million atomic identifiers, gigabytes per batch)."""
+        vectors = self.edge_vectors if edges is None else self.vectors_of(edges)
+        return self.scale * (queries @ vectors.T)
 
     # ----------------------------------------------------------------------------------------------- labels
     def identifier_index(self, labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -45,6 +45,10 @@ LOOKAHEAD_FRONTIER = 64
 # the pairs memory-bound: timed on this 2-core CPU (64 queries, 384-d), the product was 1.6-6x faster than the pairs
 # up to 48 entries per pair and even at 62 (at 4, the previous bound, the 5,000-image lookahead went pair by pair).
 SHARED_SCORE_RATIO = 32
+# Up to this many (query, edge) entries a lookahead scores every query of the batch against every edge of the trie in
+# one product (64 queries x 65,536 edges: a 16 MB table), and reads its levels from that table: a 14,000-edge
+# semantic trie has 16 levels, each of which would otherwise sort its edges and run its own product.
+SCORE_TABLE_LIMIT = 1 << 22
 
 
 @torch.no_grad()
@@ -159,9 +163,12 @@ def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tenso
     levels = []  # per level walked: (row of each edge's parent in the level above, edges, their queries, scores)
     parents, child_edges = first_level
     owners = queries
+    # A small trie: every query against every edge at once, one product, instead of a product per level.
+    table = head.shared_edge_scores(base, None) if len(base) * engine.num_edges <= SCORE_TABLE_LIMIT else None
     while len(child_edges) and (len(levels) < LOOKAHEAD_DEPTH or len(child_edges) <= budget):
         owners = owners[parents]
-        levels.append((parents, child_edges, owners, _scores(head, base, owners, child_edges)))
+        scores = _scores(head, base, owners, child_edges) if table is None else table[owners, child_edges].float()
+        levels.append((parents, child_edges, owners, scores))
         parents, child_edges = engine.edges_of(engine.next_node[child_edges])
     exact = len(child_edges) == 0
     # Bottom-up: the best path below a level's edge stops at one of its children or goes on below that child.
@@ -191,7 +198,8 @@ class _KnownAhead:
     def get(self, queries: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, found) for paired rows; -inf where not found."""
         if len(self.keys) == 0:
-            return torch.full((len(edges),), float("-inf"), device=edges.device), torch.zeros_like(edges, dtype=torch.bool)
+            missing = torch.full((len(edges),), float("-inf"), device=edges.device)
+            return missing, torch.zeros_like(edges, dtype=torch.bool)
         wanted = queries * self.stride + edges
         position = torch.searchsorted(self.keys, wanted).clamp(max=len(self.keys) - 1)
         found = self.keys[position] == wanted
@@ -234,4 +242,4 @@ def _top_hits(num_queries: int, queries: torch.Tensor, keys: torch.Tensor, score
 
 
 __all__ = ["LOOKAHEAD_DEPTH", "LOOKAHEAD_EDGE_BUDGET", "LOOKAHEAD_FRONTIER", "LOOKAHEAD_POOL", "LOOKAHEAD_POOL_FLOOR",
-           "SHARED_SCORE_RATIO", "trie_beam_search"]
+           "SCORE_TABLE_LIMIT", "SHARED_SCORE_RATIO", "trie_beam_search"]

@@ -370,9 +370,11 @@ def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_token
     assert sum(found != best for found, best in zip(top1(), gold)) >= 10
 
 
-def test_lookahead_scores_the_same_by_matrix_product_and_pair_by_pair(text_tokenizer, caption_corpus, monkeypatch):
-    # `_scores` picks one (queries x distinct edges) product or per-pair gathers by SHARED_SCORE_RATIO, a speed
-    # choice only: forcing either side must give the same hits and the same scores.
+def test_lookahead_scores_the_same_by_table_by_matrix_product_and_pair_by_pair(text_tokenizer, caption_corpus,
+                                                                                  monkeypatch):
+    # The lookahead reads its scores from one (queries x every edge) table in a small trie (SCORE_TABLE_LIMIT), else
+    # per level from one (queries x distinct edges) product or per-pair gathers (SHARED_SCORE_RATIO): speed choices
+    # only, so forcing each must give the same hits and the same scores.
     keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
     tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
                                                                    branching=3, leaf_size=3))
@@ -381,14 +383,16 @@ def test_lookahead_scores_the_same_by_matrix_product_and_pair_by_pair(text_token
                                             dim=-1)
     encoded = model.encode(image_embeds=queries)
 
-    def search(ratio):
+    def search(table_limit, ratio):
+        monkeypatch.setattr(trie_beam_search_gcmr, "SCORE_TABLE_LIMIT", table_limit)
         monkeypatch.setattr(trie_beam_search_gcmr, "SHARED_SCORE_RATIO", ratio)
         return trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=3, top_k=5)
 
-    paired, shared = search(0), search(10**9)
-    assert [[key for key, _ in row] for row in paired] == [[key for key, _ in row] for row in shared]
-    assert torch.tensor([score for row in paired for _, score in row]) == pytest.approx(
-        torch.tensor([score for row in shared for _, score in row]), abs=1e-4)
+    table, product, paired = search(1 << 30, 0), search(0, 10**9), search(0, 0)
+    for other in (product, paired):
+        assert [[key for key, _ in row] for row in other] == [[key for key, _ in row] for row in table]
+        assert torch.tensor([score for row in other for _, score in row]) == pytest.approx(
+            torch.tensor([score for row in table for _, score in row]), abs=1e-4)
 
 
 def test_lookahead_that_reached_the_ends_is_not_walked_again(text_tokenizer, caption_corpus, monkeypatch):

@@ -13,6 +13,8 @@ from modeling_gcmr.training.callbacks import BeamNegativesCallback
 from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.optimization import (
     DENSE_START_DECODER_SHARE,
+    LONG_IDENTIFIER_LENGTH,
+    LONG_IDENTIFIER_SHARE,
     optimizer_cls_and_kwargs,
     parameter_groups,
     parameter_part,
@@ -97,6 +99,25 @@ def test_dense_aware_start_gets_a_slower_decoder_by_default(tiny):
     assert part_learning_rates(model.config, args)["decoder"] == pytest.approx(DENSE_START_DECODER_SHARE * 1e-3)
     args.decoder_learning_rate = 5e-4  # an explicit rate always wins
     assert part_learning_rates(model.config, args)["decoder"] == 5e-4
+
+
+def test_long_identifiers_train_every_part_slower_by_default(tiny):
+    from types import SimpleNamespace
+
+    model = tiny["make_model"]()
+    model.config.shared_query_space = True
+    args = SimpleNamespace(learning_rate=1e-3, edge_learning_rate=None, query_learning_rate=None,
+                           decoder_learning_rate=None)
+    model.config.max_identifier_length = LONG_IDENTIFIER_LENGTH  # not longer: the defaults of short paths
+    short = part_learning_rates(model.config, args)
+    assert short == pytest.approx({"edge": 1e-3, "query": 1e-3, "decoder": DENSE_START_DECODER_SHARE * 1e-3})
+    model.config.max_identifier_length = 2 * LONG_IDENTIFIER_LENGTH  # semantic ids: 16 tokens
+    long = part_learning_rates(model.config, args)
+    assert long == pytest.approx({part: LONG_IDENTIFIER_SHARE * rate for part, rate in short.items()})
+    args.query_learning_rate = 2e-4  # an explicit rate always wins
+    assert part_learning_rates(model.config, args)["query"] == 2e-4
+    model.config.shared_query_space = False  # a model from scratch keeps the common rate, long or not
+    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
 
 
 # ----------------------------------------------------------------------------- beam-mined hard negatives

@@ -158,13 +158,15 @@ class GcmrTrainingArguments(TrainingArguments):
                                                                   "rate below is not set)."})
     edge_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the identifier head's edge vectors (0: fixed); default: "
-                                "--learning_rate. See modeling_gcmr/training/optimization.py."})
+                                "--learning_rate (a third of it for a dense-aware start whose identifiers are over 8 "
+                                "tokens long, such as semantic ids). See modeling_gcmr/training/optimization.py."})
     query_learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate of the query projections (0: fixed); default: --learning_rate."})
+        default=None, metadata={"help": "Peak learning rate of the query projections (0: fixed); default: --learning_rate "
+                                "(a third of it for a dense-aware start with identifiers over 8 tokens)."})
     decoder_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the decoder and every other part (0: fixed); default: "
                                 "0.1 x --learning_rate for a dense-aware start (pretrained backbone whose queries share "
-                                "the features' space), else --learning_rate."})
+                                "the features' space; a third of that with identifiers over 8 tokens), else --learning_rate."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})

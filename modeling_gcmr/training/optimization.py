@@ -19,6 +19,15 @@ EDGE_PARAMETERS = ("identifier_head.edge_vectors",)
 QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_query_projection.")
 # The decoder's rate as a share of --learning_rate for a dense-aware start (chosen on f30k-dev, "Tuning").
 DENSE_START_DECODER_SHARE = 0.1
+# A dense-aware start whose identifiers are longer than LONG_IDENTIFIER_LENGTH tokens (semantic ids: 16) trains
+# every part at LONG_IDENTIFIER_SHARE of its default rate. AdamW moves each edge vector by about the rate per step
+# whatever its gradient, and a score sums one edge per token, so a 16-token path drifts about four times as far per
+# step as the 3-4 tokens the defaults were chosen for. On f30k-dev (docs/real_captions.md, "Tuning semantic
+# identifiers"), semantic ids at the default rates lost 6.7 R@1 against their step 0 under the benchmark's protocol
+# and gained 4.1 with held-out features; at a third of the rates they lost 1.9 and gained 7.2 (at a tenth: -0.6 and
+# +3.8; slowing only the decoder or only the edges still lost 3.4-3.5).
+LONG_IDENTIFIER_LENGTH = 8
+LONG_IDENTIFIER_SHARE = 1 / 3
 
 
 def parameter_part(name: str) -> str:
@@ -62,15 +71,19 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 
 def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     """The per-part rates `args` asks for (`edge_learning_rate`, `query_learning_rate`, `decoder_learning_rate`),
-    with the recommended default filled in for a dense-aware start (identifier head, queries in the features'
-    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate`. Anything else keeps None (the common
-    rate): models from scratch learn their decoder from nothing."""
+    with the recommended defaults filled in for a dense-aware start (identifier head, queries in the features'
+    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate`, and every part whose rate is not given at
+    `LONG_IDENTIFIER_SHARE` of its default where identifiers are longer than `LONG_IDENTIFIER_LENGTH` tokens.
+    Anything else keeps None (the common rate): models from scratch learn their decoder from nothing."""
     rates = {part: getattr(args, f"{part}_learning_rate", None) for part in ("edge", "query", "decoder")}
     dense_start = (getattr(config, "identifier_head", None) == "identifier"
                    and getattr(config, "shared_query_space", False))
-    if rates["decoder"] is None and dense_start:
-        rates["decoder"] = DENSE_START_DECODER_SHARE * args.learning_rate
-    return rates
+    if not dense_start:
+        return rates
+    share = LONG_IDENTIFIER_SHARE if getattr(config, "max_identifier_length", 0) > LONG_IDENTIFIER_LENGTH else 1.0
+    defaults = {"edge": share * args.learning_rate, "query": share * args.learning_rate,
+                "decoder": share * DENSE_START_DECODER_SHARE * args.learning_rate}
+    return {part: defaults[part] if rate is None else rate for part, rate in rates.items()}
 
 
 def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_learning_rate: float | None = None,
@@ -90,5 +103,5 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     return optimizer_cls, {**kwargs, "params": groups}
 
 
-__all__ = ["DENSE_START_DECODER_SHARE", "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part",
-           "part_learning_rates"]
+__all__ = ["DENSE_START_DECODER_SHARE", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs",
+           "parameter_groups", "parameter_part", "part_learning_rates"]
