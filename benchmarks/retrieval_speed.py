@@ -84,7 +84,7 @@ def time_run(run: Path, repeats: int, encoder: BertModel, text_tokenizer) -> dic
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, revision: str) -> None:
     """Horizontal bars: q/s / dense per run, when the run was made and now, with the 0.5x target."""
     import matplotlib
 
@@ -95,7 +95,7 @@ def plot(results: list[dict], path: Path) -> None:
     y = np.arange(len(names))
     figure, axis = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5), dpi=100)
     axis.barh(y + 0.2, [r["ratio_at_run"] for r in results], height=0.4, label="at the run")
-    axis.barh(y - 0.2, [r["ratio"] for r in results], height=0.4, label=f"now ({git_revision()})")
+    axis.barh(y - 0.2, [r["ratio"] for r in results], height=0.4, label=f"now ({revision})")
     axis.axvline(0.5, linestyle="--", color="grey", label="target 0.5x")
     axis.set_yticks(y, names, fontsize=8)
     axis.set_xlabel("generative q/s / dense q/s (query encoder included)")
@@ -116,15 +116,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for run in args.runs:
         if not (run / "run" / "retriever").is_dir() or not (run / "results.json").is_file():
             parser.error(f"{run} is not a real_captions.py run folder (needs results.json and run/retriever)")
+    revision = git_revision()  # now: the code this process imported, even if a commit lands while it runs
     folder = minilm_folder()
     encoder, text_tokenizer = BertModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     results = [time_run(run, args.repeats, encoder, text_tokenizer) for run in args.runs]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    save_results(args.output_dir / "results.json", {"revision": git_revision(), "machine": machine(),
+    save_results(args.output_dir / "results.json", {"revision": revision, "machine": machine(),
                                                     "command": " ".join(["python", "benchmarks/retrieval_speed.py",
                                                                          *(sys.argv[1:] if argv is None else argv)]),
                                                     "runs": results})
-    plot(results, args.output_dir / "retrieval_speed.png")
+    plot(results, args.output_dir / "retrieval_speed.png", revision)
     rows = []
     for r in results:
         generative = r["systems"][r["generative"]]
