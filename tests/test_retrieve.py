@@ -370,18 +370,30 @@ def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_token
     assert sum(found != best for found, best in zip(top1(), gold)) >= 10
 
 
+def _four_level_search(text_tokenizer, num_queries, seed):
+    """A four-level structured tree (branching 3, leaves of 3) with a trained decoder, and encoded random queries."""
+    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
+                                                                   branching=3, leaf_size=3))
+    assert tokenizer.max_identifier_length >= 4
+    model = make_model(tokenizer, trained_decoder=True)
+    queries = torch.nn.functional.normalize(
+        torch.randn(num_queries, EMBED_DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return tokenizer, model, model.encode(image_embeds=queries)
+
+
+def _assert_same_hits(hits, expected):
+    assert [[key for key, _ in row] for row in hits] == [[key for key, _ in row] for row in expected]
+    assert torch.tensor([score for row in hits for _, score in row]) == pytest.approx(
+        torch.tensor([score for row in expected for _, score in row]), abs=1e-4)
+
+
 def test_lookahead_scores_the_same_by_table_by_matrix_product_and_pair_by_pair(text_tokenizer, caption_corpus,
                                                                                   monkeypatch):
     # The lookahead reads its scores from one (queries x every edge) table in a small trie (SCORE_TABLE_LIMIT), else
     # per level from one (queries x distinct edges) product or per-pair gathers (SHARED_SCORE_RATIO): speed choices
     # only, so forcing each must give the same hits and the same scores.
-    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
-                                                                   branching=3, leaf_size=3))
-    model = make_model(tokenizer, trained_decoder=True)
-    queries = torch.nn.functional.normalize(torch.randn(50, EMBED_DIM, generator=torch.Generator().manual_seed(5)),
-                                            dim=-1)
-    encoded = model.encode(image_embeds=queries)
+    tokenizer, model, encoded = _four_level_search(text_tokenizer, num_queries=50, seed=5)
 
     def search(table_limit, ratio):
         monkeypatch.setattr(trie_beam_search_gcmr, "SCORE_TABLE_LIMIT", table_limit)
@@ -389,24 +401,15 @@ def test_lookahead_scores_the_same_by_table_by_matrix_product_and_pair_by_pair(t
         return trie_beam_search(model, tokenizer.prefix_trie, encoded, num_beams=3, top_k=5)
 
     table, product, paired = search(1 << 30, 0), search(0, 10**9), search(0, 0)
-    for other in (product, paired):
-        assert [[key for key, _ in row] for row in other] == [[key for key, _ in row] for row in table]
-        assert torch.tensor([score for row in other for _, score in row]) == pytest.approx(
-            torch.tensor([score for row in table for _, score in row]), abs=1e-4)
+    _assert_same_hits(product, table)
+    _assert_same_hits(paired, table)
 
 
 def test_lookahead_that_reached_the_ends_is_not_walked_again(text_tokenizer, caption_corpus, monkeypatch):
     # Four-level structured tree, decoder trained: in a collection this small the first step's lookahead walks every
     # path to its end, so its values are exact and later steps reuse them (their candidates lie below the prefixes it
     # walked). Reusing must change nothing against walking again at every step, and must walk only once.
-    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
-                                                                   branching=3, leaf_size=3))
-    assert tokenizer.max_identifier_length >= 4
-    model = make_model(tokenizer, trained_decoder=True)
-    queries = torch.nn.functional.normalize(torch.randn(40, EMBED_DIM, generator=torch.Generator().manual_seed(7)),
-                                            dim=-1)
-    encoded = model.encode(image_embeds=queries)
+    tokenizer, model, encoded = _four_level_search(text_tokenizer, num_queries=40, seed=7)
     walks = []
     best_below = trie_beam_search_gcmr._best_below
 
@@ -425,9 +428,7 @@ def test_lookahead_that_reached_the_ends_is_not_walked_again(text_tokenizer, cap
     monkeypatch.setattr(trie_beam_search_gcmr._KnownAhead, "add", lambda self, *args: None)
     walked, every_step = search()
     assert reused_walks == 1 < every_step
-    assert [[key for key, _ in row] for row in reused] == [[key for key, _ in row] for row in walked]
-    assert torch.tensor([score for row in reused for _, score in row]) == pytest.approx(
-        torch.tensor([score for row in walked for _, score in row]), abs=1e-4)
+    _assert_same_hits(reused, walked)
 
 
 def test_lookahead_pool_falls_back_where_its_first_level_is_too_wide(text_tokenizer, caption_corpus, monkeypatch):
