@@ -347,18 +347,24 @@ def test_lookahead_keeps_the_gold_that_the_plain_beam_prunes(text_tokenizer, cap
     assert sum(found != best for found, best in zip(top1(lookahead=0), gold)) >= 10
 
 
-def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_tokenizer, caption_corpus, monkeypatch):
-    # Four-level structured tree (branching 3, leaves of 3), step 0, one beam. Two levels below a prefix do not reach
-    # the edges that set its images apart; in a collection this small the frontier lets the lookahead go on to the
-    # identifiers' ends, so every prefix is ranked by its best image and the beam finds the exact best every time.
+def _four_level_search(text_tokenizer, num_queries, seed, trained_decoder=True):
+    """A four-level structured tree (branching 3, leaves of 3), its model, random queries and their encoding."""
     keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
     tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
                                                                    branching=3, leaf_size=3))
     assert tokenizer.max_identifier_length >= 4
-    model = make_model(tokenizer, trained_decoder=False)
-    queries = torch.nn.functional.normalize(torch.randn(200, EMBED_DIM, generator=torch.Generator().manual_seed(4)),
-                                            dim=-1)
-    encoded = model.encode(image_embeds=queries)
+    model = make_model(tokenizer, trained_decoder=trained_decoder)
+    queries = torch.nn.functional.normalize(
+        torch.randn(num_queries, EMBED_DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    return tokenizer, model, queries, model.encode(image_embeds=queries)
+
+
+def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_tokenizer, caption_corpus, monkeypatch):
+    # Four-level structured tree (branching 3, leaves of 3), step 0, one beam. Two levels below a prefix do not reach
+    # the edges that set its images apart; in a collection this small the frontier lets the lookahead go on to the
+    # identifiers' ends, so every prefix is ranked by its best image and the beam finds the exact best every time.
+    tokenizer, model, queries, encoded = _four_level_search(text_tokenizer, num_queries=200, seed=4,
+                                                            trained_decoder=False)
     gold = (queries @ torch.as_tensor(embeddings()).T).argmax(dim=1).tolist()
 
     def top1():
@@ -368,18 +374,6 @@ def test_lookahead_reaches_the_identifiers_ends_in_a_small_collection(text_token
     assert top1() == gold
     monkeypatch.setattr(trie_beam_search_gcmr, "LOOKAHEAD_FRONTIER", 0)
     assert sum(found != best for found, best in zip(top1(), gold)) >= 10
-
-
-def _four_level_search(text_tokenizer, num_queries, seed):
-    """A four-level structured tree (branching 3, leaves of 3) with a trained decoder, and encoded random queries."""
-    keys = [f"img_{index:03d}" for index in range(NUM_IMAGES)]
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, "structured", embeddings=embeddings(),
-                                                                   branching=3, leaf_size=3))
-    assert tokenizer.max_identifier_length >= 4
-    model = make_model(tokenizer, trained_decoder=True)
-    queries = torch.nn.functional.normalize(
-        torch.randn(num_queries, EMBED_DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
-    return tokenizer, model, model.encode(image_embeds=queries)
 
 
 def _assert_same_hits(hits, expected):
@@ -393,7 +387,7 @@ def test_lookahead_scores_the_same_by_table_by_matrix_product_and_pair_by_pair(t
     # The lookahead reads its scores from one (queries x every edge) table in a small trie (SCORE_TABLE_LIMIT), else
     # per level from one (queries x distinct edges) product or per-pair gathers (SHARED_SCORE_RATIO): speed choices
     # only, so forcing each must give the same hits and the same scores.
-    tokenizer, model, encoded = _four_level_search(text_tokenizer, num_queries=50, seed=5)
+    tokenizer, model, _, encoded = _four_level_search(text_tokenizer, num_queries=50, seed=5)
 
     def search(table_limit, ratio):
         monkeypatch.setattr(trie_beam_search_gcmr, "SCORE_TABLE_LIMIT", table_limit)
@@ -409,7 +403,7 @@ def test_lookahead_that_reached_the_ends_is_not_walked_again(text_tokenizer, cap
     # Four-level structured tree, decoder trained: in a collection this small the first step's lookahead walks every
     # path to its end, so its values are exact and later steps reuse them (their candidates lie below the prefixes it
     # walked). Reusing must change nothing against walking again at every step, and must walk only once.
-    tokenizer, model, encoded = _four_level_search(text_tokenizer, num_queries=40, seed=7)
+    tokenizer, model, _, encoded = _four_level_search(text_tokenizer, num_queries=40, seed=7)
     walks = []
     best_below = trie_beam_search_gcmr._best_below
 
