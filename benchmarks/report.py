@@ -22,12 +22,22 @@ def machine() -> str:
             f"torch {torch.__version__}, transformers {transformers.__version__}; load average {load}")
 
 
-def git_revision() -> str:
+def _head() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# Read when a benchmark starts (it imports this module first), so that a commit landing while it runs does not
+# change the revision its results name.
+_STARTED_AT = _head()
+
+
+def git_revision() -> str:
+    """The commit checked out when this process started."""
+    return _STARTED_AT
 
 
 def write_section(path: Path, name: str, section: str, header: str) -> None:

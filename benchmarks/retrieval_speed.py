@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for run in args.runs:
         if not (run / "run" / "retriever").is_dir() or not (run / "results.json").is_file():
             parser.error(f"{run} is not a real_captions.py run folder (needs results.json and run/retriever)")
-    revision = git_revision()  # now: the code this process imported, even if a commit lands while it runs
+    revision = git_revision()
     folder = minilm_folder()
     encoder, text_tokenizer = BertModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     results = [time_run(run, args.repeats, encoder, text_tokenizer) for run in args.runs]
