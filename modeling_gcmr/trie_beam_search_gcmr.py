@@ -163,8 +163,7 @@ def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tenso
     levels = []  # per level walked: (row of each edge's parent in the level above, edges, their queries, scores)
     parents, child_edges = first_level
     owners = queries
-    # A small trie: every query against every edge at once, one product, instead of a product per level.
-    table = head.shared_edge_scores(base, None) if len(base) * engine.num_edges <= SCORE_TABLE_LIMIT else None
+    table = known.score_table(head, base)
     while len(child_edges) and (len(levels) < LOOKAHEAD_DEPTH or len(child_edges) <= budget):
         owners = owners[parents]
         scores = _scores(head, base, owners, child_edges) if table is None else table[owners, child_edges].float()
@@ -185,8 +184,9 @@ def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tenso
 
 
 class _KnownAhead:
-    """Exact lookahead values of one search, by (query, edge): the best sum of a path below the edge under the query's
-    base vector. Beam search keeps a subset of the prefixes it looked ahead from, and the next step's candidates are
+    """What one search's lookaheads share: its score table in a small trie, and exact lookahead values by (query,
+    edge), the best sum of a path below the edge under the query's base vector. Beam search keeps a subset of the
+    prefixes it looked ahead from, and the next step's candidates are
     their children, so once a lookahead has reached the identifiers' ends no later step walks that subtree again
     (semantic identifiers take 16 steps, and the first lookahead of a 1,000-image collection reaches their ends)."""
 
@@ -194,6 +194,14 @@ class _KnownAhead:
         self.stride = num_edges + 1
         self.keys = torch.empty(0, dtype=torch.long, device=device)
         self.values = torch.empty(0, device=device)
+        self._table: torch.Tensor | None = None
+
+    def score_table(self, head: Any, base: torch.Tensor) -> torch.Tensor | None:
+        """In a small trie, every query against every edge, one product made once per search (a lookahead that does
+        not reach the ends runs at every step); None past SCORE_TABLE_LIMIT entries."""
+        if self._table is None and len(base) * (self.stride - 1) <= SCORE_TABLE_LIMIT:
+            self._table = head.shared_edge_scores(base, None)
+        return self._table
 
     def get(self, queries: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, found) for paired rows; -inf where not found."""
