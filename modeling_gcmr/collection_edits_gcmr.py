@@ -17,6 +17,10 @@ the same spirit). On a 300-image f30k-test dev split the map lifted R@1 of old i
 70.1 to 71.0 and of new ones from 58.3 to 58.9. Text-head identifiers (string, semantic) get rows for new
 tokens only; they need the refresh (`training/refresh.py`) to be found.
 
+An add keeps every old vector in its row and appends the new edges' rows after them; the rebuilt trie numbers its
+edges in its own (node, token) order, and the head matches the two numberings (`IdentifierHead.edge_rows`). At a
+million images, rewriting the table in the trie's order had been most of an add's time.
+
 Removal edits the tokenizer's trie in place (dead edges, O(identifiers removed)), and the model only records the new
 signature: the removed rows' vectors stay, unreachable, so no edge is renumbered.
 """
@@ -52,7 +56,10 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
     features = _features(model, len(keys), image_embeds, pixel_values, required=identifier_head)
     head = model.identifier_head if identifier_head else None
     structured = tokenizer.identifier_table.id_type == "structured"
-    edge_vectors = head.edge_vectors.detach().float().cpu().numpy() if structured and head is not None else None
+    edge_vectors = None
+    if structured and head is not None:  # the tokenizer reads them by its trie's edge numbers
+        edge_vectors = head.on_trie(tokenizer.prefix_trie).vectors_of(torch.arange(tokenizer.prefix_trie.num_edges))
+        edge_vectors = edge_vectors.detach().float().cpu().numpy()
     neighbors = None
     if head is not None and placement == "model" and tokenizer.identifier_table.id_type == "coarse_fine":
         neighbors = _model_neighbors(model, tokenizer, image_embeds, pixel_values)
@@ -69,8 +76,9 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
     tokenizer.apply_edit(edit)
     config = model.config
     if grown is not None:
-        paths, token_rows, vectors = grown
+        paths, token_rows, vectors, rows = grown
         head.set_identifiers(paths, token_rows, vectors.shape[0], vectors)
+        head.remember_edge_rows(edit.trie, rows)
         config.num_identifiers, config.num_identifier_edges = int(paths.shape[0]), int(vectors.shape[0])
         if stored is not None:
             del model.image_features
@@ -177,36 +185,44 @@ def _trained_map(model: Any, live: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _grown_head(head: Any, edit: Any, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The head's paths, token rows and edge vectors after the edit (module docstring), without changing it."""
+def _grown_head(head: Any, edit: Any, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    """The head's paths, token rows and edge vectors after the edit (module docstring), without changing it, and
+    the vector row of each edge of the edit's trie (`IdentifierHead.edge_rows`).
+
+    Old edges keep their vector rows and the new edges' rows follow them, so the grown table is the old one with rows
+    appended (one contiguous copy), however the rebuilt trie numbers its edges."""
     old_paths = head.paths.long().cpu()
-    paths = torch.as_tensor(edit.trie.paths(edit.token_rows))
+    trie_paths = torch.as_tensor(edit.trie.paths(edit.token_rows))
     old_count, old_width = old_paths.shape
-    # The trie is rebuilt, so edges are renumbered: each old edge is found again on its identifiers' paths.
+    old_rows = head.edge_vectors.shape[0]
+    rows = torch.full((edit.trie.num_edges,), -1, dtype=torch.long)
     valid = old_paths >= 0
-    mapping = torch.full((head.edge_vectors.shape[0],), -1, dtype=torch.long)
-    mapping[old_paths[valid]] = paths[:old_count, :old_width][valid]
+    rows[trie_paths[:old_count, :old_width][valid]] = old_paths[valid]
+    fresh = torch.nonzero(rows < 0).squeeze(-1)
+    rows[fresh] = old_rows + torch.arange(len(fresh))
+    paths = torch.full(trie_paths.shape, -1, dtype=torch.long)
+    paths[:old_count, :old_width] = old_paths
+    new_paths = torch.where(trie_paths[old_count:] >= 0, rows[trie_paths[old_count:].clamp(min=0)], -1)
+    paths[old_count:] = new_paths
     old_vectors = head.edge_vectors.detach()
-    vectors = old_vectors.new_zeros(edit.trie.num_edges, old_vectors.shape[1])
-    vectors[mapping.to(vectors.device)] = old_vectors
-    known = torch.zeros(len(vectors), dtype=torch.bool)
-    known[mapping] = True
+    vectors = torch.cat([old_vectors, old_vectors.new_zeros(len(fresh), old_vectors.shape[1])])
+    known = torch.arange(len(vectors)) < old_rows
     left = features.to(vectors.device, torch.float32).clone()
-    new_paths = paths[old_count:]
     for depth in range(new_paths.shape[1]):
         edges = new_paths[:, depth]
-        rows = torch.nonzero(edges >= 0).squeeze(-1)
-        fresh = rows[~known[edges[rows]]]
-        if len(fresh):
-            unique, inverse = torch.unique(edges[fresh], return_inverse=True)
+        taken = torch.nonzero(edges >= 0).squeeze(-1)
+        unset = taken[~known[edges[taken]]]
+        if len(unset):
+            unique, inverse = torch.unique(edges[unset], return_inverse=True)
             sums = torch.zeros(len(unique), left.shape[1], device=left.device).index_add_(0, inverse.to(left.device),
-                                                                                         left[fresh])
+                                                                                         left[unset])
             counts = torch.bincount(inverse, minlength=len(unique)).to(left)
             vectors[unique.to(vectors.device)] = (sums / counts[:, None]).to(vectors.dtype)
             known[unique] = True
-        left[rows] -= vectors[edges[rows].to(vectors.device)].float()
+        left[taken] -= vectors[edges[taken].to(vectors.device)].float()
     token_rows = torch.as_tensor(np.asarray(edit.token_rows, dtype=np.int64))
-    return paths, token_rows, vectors
+    return paths, token_rows, vectors, rows
 
 
 __all__ = ["add_images", "remove_images"]

@@ -31,6 +31,8 @@ partial sums that beam search prunes with. Candidates are scored with the gold r
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +70,7 @@ class IdentifierHead(nn.Module):
         self.start_input = nn.Parameter(torch.zeros(decoder_dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(score_scale)))
         self._row_index_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._edge_rows_cache: tuple[weakref.ref, torch.Tensor | None] | None = None
 
     @property
     def num_identifiers(self) -> int:
@@ -86,6 +89,7 @@ class IdentifierHead(nn.Module):
         self.paths = paths.to(self.paths.device, torch.int32)
         self.token_rows = token_rows.to(self.token_rows.device, torch.int32)
         self._row_index_cache = None
+        self._edge_rows_cache = None
         if vectors is None and self.edge_vectors.shape[0] == num_edges:
             self.edge_vectors.zero_()
             return
@@ -130,6 +134,41 @@ class IdentifierHead(nn.Module):
         """Each edge starts at its token's vector (rows of NaN: zero); a rough start when no features are given."""
         vectors = token_vectors[edge_tokens.clamp(min=0)].nan_to_num(0.0)
         self.edge_vectors.copy_(torch.where((edge_tokens >= 0)[:, None], vectors, 0.0))
+
+    # ----------------------------------------------------------------------------------------------- trie edges
+    def edge_rows(self, trie: Any) -> torch.Tensor | None:
+        """The row of `edge_vectors` that each edge of `trie` (the tokenizer's, numbered in (node, token) order)
+        scores with; None where the two numberings coincide (a head fitted to this trie and never grown).
+
+        `add_images` appends the new edges' vectors after the old ones instead of rewriting the table in the rebuilt
+        trie's order (at a million images that rewrite was 5.5-7 of an add's 9-10 s), so after an add the numberings
+        differ. They are matched once per trie object: each identifier's edges in the trie against its row of `paths`
+        (which is in vector rows). A reloaded pair matches them again the same way; nothing extra is saved."""
+        cached = self._edge_rows_cache
+        if cached is not None and cached[0]() is trie:
+            return cached[1]
+        trie_paths = torch.as_tensor(trie.paths(self.token_rows.cpu().numpy()))
+        paths = self.paths.long().cpu()
+        if trie_paths.shape != paths.shape or not torch.equal(trie_paths >= 0, paths >= 0) \
+                or trie.num_edges != len(self.edge_vectors):
+            raise ValueError(f"the trie ({trie.num_edges} edges) does not spell this model's {self.num_identifiers} "
+                             f"identifiers ({len(self.edge_vectors)} edge vectors): use the tokenizer saved with the "
+                             "model")
+        rows = torch.full((trie.num_edges,), -1, dtype=torch.long)
+        rows[trie_paths[paths >= 0]] = paths[paths >= 0]
+        self.remember_edge_rows(trie, rows)
+        return self._edge_rows_cache[1]
+
+    def remember_edge_rows(self, trie: Any, rows: torch.Tensor) -> None:
+        """Record `edge_rows(trie)` where the caller already knows it (an add builds it with the grown trie)."""
+        if (rows < 0).any():
+            raise ValueError("every trie edge needs an edge vector row; a trie edge lies on no identifier's path")
+        identity = torch.equal(rows, torch.arange(len(rows)))
+        self._edge_rows_cache = (weakref.ref(trie), None if identity else rows.to(self.edge_vectors.device))
+
+    def on_trie(self, trie: Any) -> "TrieEdgeScores":
+        """The scores below, addressed by the edge numbers of `trie` (what beam search walks)."""
+        return TrieEdgeScores(self, self.edge_rows(trie))
 
     # ----------------------------------------------------------------------------------------------- decoding pieces
     def vectors_of(self, edges: torch.Tensor) -> torch.Tensor:
@@ -249,6 +288,29 @@ class IdentifierHead(nn.Module):
         return loss, logits
 
 
+class TrieEdgeScores:
+    """The identifier head's vectors and scores addressed by the edge numbers of a trie (`IdentifierHead.on_trie`):
+    beam search walks the tokenizer's trie, whose numbering an add leaves behind the head's vector rows."""
+
+    def __init__(self, head: IdentifierHead, rows: torch.Tensor | None) -> None:
+        self.head, self.rows = head, rows
+
+    def _rows(self, edges: torch.Tensor) -> torch.Tensor:
+        return edges if self.rows is None else self.rows[edges]
+
+    def vectors_of(self, edges: torch.Tensor) -> torch.Tensor:
+        return self.head.vectors_of(self._rows(edges))
+
+    def edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        return self.head.edge_scores(queries, self._rows(edges))
+
+    def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor | None) -> torch.Tensor:
+        """(R, E) scores; `edges` None: every edge of the trie, in the trie's order."""
+        if edges is None:
+            return self.head.shared_edge_scores(queries, self.rows)
+        return self.head.shared_edge_scores(queries, self._rows(edges))
+
+
 def _prefix_loss(partial: torch.Tensor, paths: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """Per row, the mean over its depths (before its last edge) of the cross-entropy of its gold prefix against the
     other prefixes; then the mean over the rows.
@@ -281,4 +343,4 @@ def _as_void_rows(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
 
 
-__all__ = ["FULL_SOFTMAX_LIMIT", "IdentifierHead"]
+__all__ = ["FULL_SOFTMAX_LIMIT", "IdentifierHead", "TrieEdgeScores"]

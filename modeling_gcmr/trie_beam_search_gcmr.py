@@ -66,6 +66,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
             partial sum plus the best path of up to two edges below them (`_prune`); 0: by partial sum alone.
     """
     head = model.identifier_head
+    scorer = head.on_trie(trie)
     num_queries = encoded.query_vectors.shape[0]
     if num_queries == 0:
         return []
@@ -82,23 +83,23 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         if previous_edges is None:
             inputs = head.start_input.expand(len(nodes), 1, -1)
         else:
-            inputs = head.edge_input(head.vectors_of(previous_edges))[:, None]
+            inputs = head.edge_input(scorer.vectors_of(previous_edges))[:, None]
         states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
         queries = encoded.query_vectors[query_of_row] + head.step_query(states[:, 0])
         rows, edges = engine.edges_of(nodes)
         if previous_edges is None:
             # Every query starts at the root, so all rows share its children (rows ascending, children in order).
             children = edges[: len(edges) // num_queries]
-            scores = (totals[:, None] + head.shared_edge_scores(queries, children).float()).flatten()
+            scores = (totals[:, None] + scorer.shared_edge_scores(queries, children).float()).flatten()
         else:
-            scores = totals[rows] + head.edge_scores(queries[rows], edges).float()
+            scores = totals[rows] + scorer.edge_scores(queries[rows], edges).float()
         keys = engine.key_index[edges]
         done = keys >= 0
         hits_query.append(query_of_row[rows[done]])
         hits_key.append(keys[done])
         hits_score.append(scores[done])
         rows, edges, scores = rows[~done], edges[~done], scores[~done]
-        keep = _prune(head, engine, encoded.query_vectors, query_of_row, rows, edges, scores, num_beams, lookahead,
+        keep = _prune(scorer, engine, encoded.query_vectors, query_of_row, rows, edges, scores, num_beams, lookahead,
                       known)
         if len(keep) == 0:
             break
@@ -109,7 +110,7 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
     return _top_hits(num_queries, torch.cat(hits_query), torch.cat(hits_key), torch.cat(hits_score), top_k)
 
 
-def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tensor, rows: torch.Tensor,
+def _prune(scorer: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tensor, rows: torch.Tensor,
            edges: torch.Tensor, scores: torch.Tensor, width: int, lookahead: int,
            known: "_KnownAhead") -> torch.Tensor:
     """The `width` prefixes each query keeps, by partial score plus the best path of two (or more) edges below it.
@@ -135,7 +136,7 @@ def _prune(head: Any, engine: Any, base: torch.Tensor, query_of_row: torch.Tenso
             ahead, todo, first_level = _unknown(engine, known, groups, edges, pool)
     if len(todo):
         walked = pool[todo]
-        ahead[todo] = _best_below(head, engine, base, groups[walked], engine.next_node[edges[walked]], first_level,
+        ahead[todo] = _best_below(scorer, engine, base, groups[walked], engine.next_node[edges[walked]], first_level,
                                   known)
     return pool[_best_per_group(groups[pool], scores[pool] + ahead, width)]
 
@@ -149,7 +150,7 @@ def _unknown(engine: Any, known: "_KnownAhead", groups: torch.Tensor, edges: tor
     return ahead, todo, engine.edges_of(engine.next_node[edges[pool[todo]]])
 
 
-def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor,
+def _best_below(scorer: Any, engine: Any, base: torch.Tensor, queries: torch.Tensor, nodes: torch.Tensor,
                 first_level: tuple[torch.Tensor, torch.Tensor], known: "_KnownAhead") -> torch.Tensor:
     """Per node, the best sum of edge scores (base query vectors) over the paths of up to LOOKAHEAD_DEPTH edges below
     it, and deeper while the next level stays within LOOKAHEAD_FRONTIER edges per node and LOOKAHEAD_EDGE_BUDGET per
@@ -163,10 +164,10 @@ def _best_below(head: Any, engine: Any, base: torch.Tensor, queries: torch.Tenso
     levels = []  # per level walked: (row of each edge's parent in the level above, edges, their queries, scores)
     parents, child_edges = first_level
     owners = queries
-    table = known.score_table(head, base)
+    table = known.score_table(scorer, base)
     while len(child_edges) and (len(levels) < LOOKAHEAD_DEPTH or len(child_edges) <= budget):
         owners = owners[parents]
-        scores = _scores(head, base, owners, child_edges) if table is None else table[owners, child_edges].float()
+        scores = _scores(scorer, base, owners, child_edges) if table is None else table[owners, child_edges].float()
         levels.append((parents, child_edges, owners, scores))
         parents, child_edges = engine.edges_of(engine.next_node[child_edges])
     exact = len(child_edges) == 0
@@ -196,11 +197,11 @@ class _KnownAhead:
         self.values = torch.empty(0, device=device)
         self._table: torch.Tensor | None = None
 
-    def score_table(self, head: Any, base: torch.Tensor) -> torch.Tensor | None:
+    def score_table(self, scorer: Any, base: torch.Tensor) -> torch.Tensor | None:
         """In a small trie, every query against every edge, one product made once per search (a lookahead that does
         not reach the ends runs at every step); None past SCORE_TABLE_LIMIT entries."""
         if self._table is None and len(base) * (self.stride - 1) <= SCORE_TABLE_LIMIT:
-            self._table = head.shared_edge_scores(base, None)
+            self._table = scorer.shared_edge_scores(base, None)
         return self._table
 
     def get(self, queries: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,14 +219,14 @@ class _KnownAhead:
         self.keys, self.values = keys, torch.cat([self.values, values])[order]
 
 
-def _scores(head: Any, base: torch.Tensor, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+def _scores(scorer: Any, base: torch.Tensor, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """scale * q . v(edge) of paired (query id, edge) rows under the base query vectors."""
     distinct, position = torch.unique(edges, return_inverse=True)
     if len(distinct) * len(base) <= SHARED_SCORE_RATIO * len(edges):
         # Every query against every distinct edge, one matrix product: near the root the queries of a batch look at
         # the same nodes, and deeper down a product is still cheaper than gathering a vector per (query, edge) pair.
-        return head.shared_edge_scores(base, distinct)[queries, position].float()
-    return head.edge_scores(base[queries], edges).float()
+        return scorer.shared_edge_scores(base, distinct)[queries, position].float()
+    return scorer.edge_scores(base[queries], edges).float()
 
 
 def _best_per_group(groups: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -112,6 +112,34 @@ def test_an_added_image_is_found_by_its_own_feature_at_once(id_type, text_tokeni
     assert model.config.identifier_signature == tokenizer.identifier_signature
 
 
+@pytest.mark.parametrize("id_type", ["coarse_fine", "structured", "numeric", "semantic"])
+def test_an_add_appends_edge_vectors_and_search_still_scores_each_identifier_by_its_path(id_type, text_tokenizer):
+    model, tokenizer = _pair(id_type, text_tokenizer)
+    head = model.identifier_head
+    with torch.no_grad():  # a trained model's vectors no longer sum to the features
+        head.edge_vectors.add_(0.3 * torch.randn(head.edge_vectors.shape, generator=torch.Generator().manual_seed(3)))
+    old_vectors = head.edge_vectors.detach().clone()
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW, captions=CAPTIONS[NUM_OLD:], placement="centroids")
+    # the old rows stay where they were; the rebuilt trie numbers its edges otherwise, and the head maps them
+    assert torch.equal(head.edge_vectors[: len(old_vectors)], old_vectors)
+    rows = head.edge_rows(tokenizer.prefix_trie)
+    assert rows is not None and sorted(rows.tolist()) == list(range(tokenizer.prefix_trie.num_edges))
+    # an exhaustive beam returns every identifier scored by the sum of its own path's vectors (`paths`, which
+    # training uses), whatever numbering the trie walks in
+    everything = NUM_OLD + NUM_NEW
+    queries = torch.as_tensor(np.concatenate([OLD[:3], NEW[:3]]))
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=everything, num_beams=everything)
+    with torch.no_grad():
+        base = model.encode(image_embeds=queries).query_vectors
+        paths = head.paths.long()
+        sums = (head.edge_vectors[paths.clamp(min=0)] * (paths >= 0)[..., None]).sum(dim=1)
+        want = head.scale * base @ sums.T
+    for row, query_hits in enumerate(hits):
+        assert len(query_hits) == everything
+        got = {tokenizer.keys.index(key): score for key, score in query_hits}
+        np.testing.assert_allclose([got[i] for i in range(everything)], want[row].numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_identifiers_follow_their_id_types_rules(text_tokenizer):
     model, tokenizer = _pair("atomic", text_tokenizer)
     model.add_images(["a", "b"], tokenizer, image_embeds=NEW[:2])
