@@ -121,6 +121,8 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
 
     from modeling_gcmr import GcmrConfig, GcmrForRetrieval
     from modeling_gcmr.publishing.checkpoint import save_retriever
+    from modeling_gcmr.training.lazy_adamw import LazyAdamW
+    from modeling_gcmr.training.optimization import sparse_edge_gradients
     from tokenization_gcmr import ImageIdTokenizer, build_identifiers, train_text_tokenizer
 
     torch.manual_seed(0)
@@ -147,14 +149,20 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     order = torch.randperm(size, generator=torch.Generator().manual_seed(0))[: train_steps * BATCH]
     labels = tokenizer.encode_identifiers([keys[i] for i in order.tolist()])
     trained = [p for p in model.parameters() if p.requires_grad]
-    # AdamW holds a gradient and two moments per parameter: where that cannot fit, say so instead of swapping.
-    needed = _status("VmRSS") + 3 * sum(p.numel() * p.element_size() for p in trained) + (1 << 30)
+    # What run_gcmr.py's Trainer does (optimization.optimizer_cls_and_kwargs): past FULL_SOFTMAX_LIMIT identifiers
+    # the edge vectors train with sparse gradients and LazyAdamW, so they hold two moments and no dense gradient.
+    sparse = sparse_edge_gradients(model)
+    model.identifier_head.sparse_gradients = sparse
+    steps.results["train_sparse_edge_gradients"] = sparse
+    edges = model.identifier_head.edge_vectors
+    copies = sum((2 if sparse and p is edges else 3) * p.numel() * p.element_size() for p in trained)
+    needed = _status("VmRSS") + copies + (1 << 30)
     if needed > rss_limit:
         steps.results["train_skipped"] = (f"AdamW over {sum(p.numel() for p in trained) / 1e6:.0f}M parameters "
                                           f"needs ~{needed / 1e9:.1f} GB (limit {rss_limit / 1e9:.1f} GB)")
         print(f"  train: skipped, {steps.results['train_skipped']}", flush=True)
         train_steps = 0
-    optimizer = torch.optim.AdamW(trained, lr=1e-3)
+    optimizer = LazyAdamW(trained, lr=1e-3)
     model.train()
     with steps.step("train"):
         for step in range(train_steps):

@@ -71,10 +71,18 @@ class IdentifierHead(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(score_scale)))
         self._row_index_cache: tuple[np.ndarray, np.ndarray] | None = None
         self._edge_rows_cache: tuple[weakref.ref, torch.Tensor | None] | None = None
+        # Set by the training set-up for a sampled softmax (`training/optimization.py`): the lookups' gradient is then
+        # sparse (the rows read), for `LazyAdamW`; never saved.
+        self.sparse_gradients = False
 
     @property
     def num_identifiers(self) -> int:
         return int(self.paths.shape[0])
+
+    @property
+    def samples_softmax(self) -> bool:
+        """Whether training scores a batch against a sample of identifiers (past FULL_SOFTMAX_LIMIT) or all."""
+        return self.num_identifiers > FULL_SOFTMAX_LIMIT
 
     @property
     def scale(self) -> torch.Tensor:
@@ -176,8 +184,14 @@ class IdentifierHead(nn.Module):
 
         Every lookup goes through `index_select`: its backward adds the rows into the gradient with `index_add_`,
         where advanced indexing's accumulating `index_put_` took twice as long on CPU (200k edges, 32k sampled
-        paths: 2.0 s -> 0.9 s per backward)."""
-        return self.edge_vectors.index_select(0, edges.reshape(-1)).view(*edges.shape, self.edge_vectors.shape[1])
+        paths: 2.0 s -> 0.9 s per backward); with `sparse_gradients`, the gradient holds only the rows read and goes
+        to `edge_vectors.sparse_grad` (`_RowsWithSparseGradient`)."""
+        flat = edges.reshape(-1)
+        if self.sparse_gradients and torch.is_grad_enabled() and self.edge_vectors.requires_grad:
+            rows = _RowsWithSparseGradient.apply(self.edge_vectors, flat)
+        else:
+            rows = self.edge_vectors.index_select(0, flat)
+        return rows.view(*edges.shape, self.edge_vectors.shape[1])
 
     def decoder_inputs(self, previous_edges: torch.Tensor) -> torch.Tensor:
         """Decoder input vectors: the start vector at step 0, then each step's previous edge; (B, T) -> (B, T, dec)."""
@@ -239,7 +253,7 @@ class IdentifierHead(nn.Module):
     # ----------------------------------------------------------------------------------------------- training
     def candidates(self, gold: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(candidate identifiers or None for all, the gold rows' positions among them)."""
-        if self.num_identifiers <= FULL_SOFTMAX_LIMIT:
+        if not self.samples_softmax:
             return None, gold
         sample = torch.randint(self.num_identifiers, (FULL_SOFTMAX_LIMIT,), device=gold.device)
         candidates, inverse = torch.unique(torch.cat([gold, sample]), return_inverse=True)
@@ -250,7 +264,7 @@ class IdentifierHead(nn.Module):
         paths = self.paths.long() if candidates is None else self.paths.long()[candidates]
         steps = paths.shape[1]
         queries = queries[:, :steps]
-        if candidates is None:
+        if candidates is None and not self.sparse_gradients:
             per_edge = torch.einsum("btd,ed->bte", queries, self.edge_vectors)
             index = paths.clamp(min=0).T.unsqueeze(0).expand(len(queries), -1, -1)
             scores = per_edge.gather(2, index)
@@ -286,6 +300,26 @@ class IdentifierHead(nn.Module):
                 )
                 loss = loss + distill_weight * divergence / len(logits)
         return loss, logits
+
+
+class _RowsWithSparseGradient(torch.autograd.Function):
+    """`weight.index_select(0, rows)` whose gradient for `weight` is sparse (the rows read) and is added to
+    `weight.sparse_grad` instead of `.grad`, which stays None: transformers' Trainer takes the norm of every `.grad`
+    at every step with torch's `clip_grad_norm_`, which has no sparse kernel. `training/lazy_adamw.py` reads it."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.save_for_backward(rows)
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None]:
+        (rows,) = ctx.saved_tensors
+        update = torch.sparse_coo_tensor(rows[None], grad, ctx.weight.shape, check_invariants=False)
+        held = getattr(ctx.weight, "sparse_grad", None)
+        ctx.weight.sparse_grad = update if held is None else held + update
+        return None, None
 
 
 class TrieEdgeScores:

@@ -5,14 +5,20 @@ Why: a dense-aware start is already a good retriever (step 0 ranks like dense in
 may move, and how fast, decides whether it ends above that start. Measured on f30k-dev (docs/real_captions.md,
 "Tuning"): the decoder's per-step correction (`q_t = q_0 + W h_t`, W starting at zero) trained at the common rate
 is what loses R@1 in the first epoch, while the edge vectors and the query projection at that rate gain it.
+
+Large collections: where the head samples its softmax, the edge vectors train with sparse gradients and `LazyAdamW`
+(`sparse_edge_gradients`, `lazy_adamw.py`), so that a step costs what it reads, not the whole edge table.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+
+from .lazy_adamw import LazyAdamW
 
 # Parameter name prefixes of each part (names as `GcmrForRetrieval.named_parameters()` gives them).
 EDGE_PARAMETERS = ("identifier_head.edge_vectors",)
@@ -86,15 +92,38 @@ def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     return {part: defaults[part] if rate is None else rate for part, rate in rates.items()}
 
 
+def sparse_edge_gradients(model: nn.Module) -> bool:
+    """Whether training `model` should read its edge vectors with sparse gradients (and `LazyAdamW`): where the
+    identifier head samples its softmax (more than FULL_SOFTMAX_LIMIT identifiers), so that a step touches a share
+    of the edges. Not in distributed training: DDP all-reduces `.grad`, and the sparse gradient lives beside it
+    (`lazy_adamw.py`)."""
+    head = getattr(model, "identifier_head", None)
+    if head is None or not head.samples_softmax:
+        return False
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # WORLD_SIZE: launched by torchrun, before the Trainer initialises the process group.
+    return not distributed and int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
 def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_learning_rate: float | None = None,
                              query_learning_rate: float | None = None,
                              decoder_learning_rate: float | None = None) -> tuple[type, dict[str, Any]] | None:
     """`Trainer(optimizer_cls_and_kwargs=...)` for per-part learning rates: the optimizer `args` names (AdamW by
-    default), with `parameter_groups`; None when every rate is None (then the Trainer builds its own, unchanged).
-    The Trainer's scheduler scales every group alike, so warm-up and decay apply to each part's own rate."""
-    if edge_learning_rate is None and query_learning_rate is None and decoder_learning_rate is None:
-        return None
+    default), with `parameter_groups`; None when every rate is None and the edge gradients stay dense (then the
+    Trainer builds its own, unchanged). The Trainer's scheduler scales every group alike, so warm-up and decay apply
+    to each part's own rate.
+
+    Where `sparse_edge_gradients(model)` (a sampled softmax), the model's head is switched to sparse gradients and
+    AdamW (`--optim adamw_torch`, the default) becomes `LazyAdamW`, which takes over `args.max_grad_norm` (the
+    Trainer's clipping cannot see the sparse gradient; it is set to 0 in `args`, and the norm the Trainer logs leaves
+    the edge vectors out). Another optimizer keeps dense gradients."""
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
+        model.identifier_head.sparse_gradients = True
+        optimizer_cls, kwargs = LazyAdamW, {**kwargs, "max_grad_norm": args.max_grad_norm or 0.0}
+        args.max_grad_norm = 0.0
+    elif edge_learning_rate is None and query_learning_rate is None and decoder_learning_rate is None:
+        return None
     if "params" in kwargs or "model" in kwargs:
         raise ValueError(f"--optim {args.optim} builds its own parameter groups: per-part learning rates "
                          "(--edge/query/decoder_learning_rate) need an optimizer like adamw_torch")
@@ -104,4 +133,4 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
 
 
 __all__ = ["DENSE_START_DECODER_SHARE", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs",
-           "parameter_groups", "parameter_part", "part_learning_rates"]
+           "parameter_groups", "parameter_part", "part_learning_rates", "sparse_edge_gradients"]

@@ -102,13 +102,16 @@ def _only_new_edges(model: Any, tokenizer: Any, new_keys: list[str]) -> Iterator
     trainable[paths[old][paths[old] >= 0]] = False
     mask = trainable.to(head.edge_vectors)[:, None]
     states = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    sparse = head.sparse_gradients
     model.requires_grad_(False)
     head.edge_vectors.requires_grad_(True)
+    head.sparse_gradients = False  # the refresh's Trainer builds a dense AdamW, and the mask is a dense product
     hook = head.edge_vectors.register_hook(lambda grad: grad * mask)
     try:
         yield
     finally:
         hook.remove()
+        head.sparse_gradients = sparse
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(states[name])
 
