@@ -88,6 +88,14 @@ class IdentifierHead(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp()
 
+    @property
+    def reads_decoder_states(self) -> bool:
+        """Whether a step's query depends on the decoder: False while the correction `W h_t + b` is exactly zero (as
+        initialised, and where training keeps it fixed: `--decoder_learning_rate 0`), so that beam search scores
+        every step with the base query and runs no decoder."""
+        correction = self.step_query
+        return bool(correction.weight.any()) or (correction.bias is not None and bool(correction.bias.any()))
+
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int,

@@ -5,7 +5,9 @@ step's query vector, and scores only the trie children of each beam's node: `sco
 + scale * q_t . v(edge)` (see `identifier_head_gcmr.py`). A child through an EOS edge completes an identifier and
 leaves the beam as a hit; the others compete for the `num_beams` places of their query. Nothing is ever scored
 outside the trie, so no vocabulary-wide matrix is built: at the root of atomic identifiers the children are all
-identifiers (dense search), deeper levels score a handful of children per beam.
+identifiers (dense search), deeper levels score a handful of children per beam. While the head's step correction
+is zero (`IdentifierHead.reads_decoder_states`: as initialised, or trained with the decoder fixed) every step's query
+is the base query, and no decoder runs at all: the search is constrained inner-product search over path sums.
 
 Which prefixes survive a step is decided with a lookahead: partial sum plus the best path of two edges (or more,
 while the paths stay few) below the prefix under the query's base vector (no decoder run), which turns a cluster
@@ -78,21 +80,29 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
     previous_edges = None
     cache = None
     known = _KnownAhead(engine.num_edges, device)
+    base = encoded.query_vectors
+    # Without a decoder term every step scores with the base query: no decoder runs, and the scores come from the
+    # lookahead's products (exactly what the decoder path computes when its correction is zero).
+    reads_states = head.reads_decoder_states
     hits_query, hits_key, hits_score = [], [], []
-    for _ in range(model.config.max_identifier_length + 1):
-        if previous_edges is None:
-            inputs = head.start_input.expand(len(nodes), 1, -1)
-        else:
-            inputs = head.edge_input(scorer.vectors_of(previous_edges))[:, None]
-        states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
-        queries = encoded.query_vectors[query_of_row] + head.step_query(states[:, 0])
+    for step in range(model.config.max_identifier_length + 1):
+        if reads_states:
+            if previous_edges is None:
+                inputs = head.start_input.expand(len(nodes), 1, -1)
+            else:
+                inputs = head.edge_input(scorer.vectors_of(previous_edges))[:, None]
+            states, cache = model.decoder_states(inputs, encoded, query_of_row, cache, use_cache=True)
+            queries = base[query_of_row] + head.step_query(states[:, 0])
         rows, edges = engine.edges_of(nodes)
-        if previous_edges is None:
+        if step == 0:
             # Every query starts at the root, so all rows share its children (rows ascending, children in order).
             children = edges[: len(edges) // num_queries]
-            scores = (totals[:, None] + scorer.shared_edge_scores(queries, children).float()).flatten()
-        else:
+            step_scores = scorer.shared_edge_scores(queries if reads_states else base, children).float()
+            scores = (totals[:, None] + step_scores).flatten()
+        elif reads_states:
             scores = totals[rows] + scorer.edge_scores(queries[rows], edges).float()
+        else:
+            scores = totals[rows] + _scores(scorer, base, query_of_row[rows], edges, known.score_table(scorer, base))
         keys = engine.key_index[edges]
         done = keys >= 0
         hits_query.append(query_of_row[rows[done]])
@@ -104,7 +114,8 @@ def trie_beam_search(model: Any, trie: Any, encoded: Any, num_beams: int, top_k:
         if len(keep) == 0:
             break
         parents, edges, scores = rows[keep], edges[keep], scores[keep]
-        cache.reorder_cache(parents)
+        if reads_states:
+            cache.reorder_cache(parents)
         query_of_row, totals, previous_edges = query_of_row[parents], scores, edges
         nodes = engine.next_node[edges]
     return _top_hits(num_queries, torch.cat(hits_query), torch.cat(hits_key), torch.cat(hits_score), top_k)
@@ -167,7 +178,7 @@ def _best_below(scorer: Any, engine: Any, base: torch.Tensor, queries: torch.Ten
     table = known.score_table(scorer, base)
     while len(child_edges) and (len(levels) < LOOKAHEAD_DEPTH or len(child_edges) <= budget):
         owners = owners[parents]
-        scores = _scores(scorer, base, owners, child_edges) if table is None else table[owners, child_edges].float()
+        scores = _scores(scorer, base, owners, child_edges, table)
         levels.append((parents, child_edges, owners, scores))
         parents, child_edges = engine.edges_of(engine.next_node[child_edges])
     exact = len(child_edges) == 0
@@ -219,8 +230,12 @@ class _KnownAhead:
         self.keys, self.values = keys, torch.cat([self.values, values])[order]
 
 
-def _scores(scorer: Any, base: torch.Tensor, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """scale * q . v(edge) of paired (query id, edge) rows under the base query vectors."""
+def _scores(scorer: Any, base: torch.Tensor, queries: torch.Tensor, edges: torch.Tensor,
+            table: torch.Tensor | None) -> torch.Tensor:
+    """scale * q . v(edge) of paired (query id, edge) rows under the base query vectors (read from the search's
+    score table where it has one)."""
+    if table is not None:
+        return table[queries, edges].float()
     distinct, position = torch.unique(edges, return_inverse=True)
     if len(distinct) * len(base) <= SHARED_SCORE_RATIO * len(edges):
         # Every query against every distinct edge, one matrix product: near the root the queries of a batch look at

@@ -10,7 +10,7 @@ numbers the full computation gives on the same rows.
 import numpy as np
 import pytest
 import torch
-from test_retrieve import HEAD_TYPES, embeddings, make_model, make_tokenizer
+from test_retrieve import EMBED_DIM, HEAD_TYPES, embeddings, make_model, make_tokenizer
 
 from modeling_gcmr.trie_beam_search_gcmr import trie_beam_search
 
@@ -135,3 +135,40 @@ def test_step_zero_is_constrained_inner_product_search_for_every_id_type(text_to
         if num_beams == 30:
             brute = torch.topk(queries @ features.T, top_k).indices
             assert [[tokenizer.keys.index(key) for key, _ in row] for row in hits] == brute.tolist()
+
+
+@pytest.mark.parametrize("id_type", HEAD_TYPES)
+def test_a_search_without_a_decoder_term_runs_no_decoder_and_ranks_as_the_decoder_path(
+        text_tokenizer, caption_corpus, id_type, monkeypatch):
+    """With the step correction W h_t + b exactly zero (as initialised, or trained with --decoder_learning_rate 0)
+    every step's query is the base query, so the search skips the decoder; forced through the decoder, the same
+    model returns the same hits and scores. A non-zero correction brings the decoder back."""
+    tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type, count=30)
+    model = make_model(tokenizer, trained_decoder=False)
+    head = model.identifier_head
+    queries = torch.nn.functional.normalize(torch.randn(6, EMBED_DIM, generator=torch.Generator().manual_seed(7)), dim=-1)
+    decoder_runs = []
+    decoder_states = model.decoder_states
+    monkeypatch.setattr(model, "decoder_states", lambda *args, **kwargs: decoder_runs.append(1) or decoder_states(
+        *args, **kwargs))
+
+    def search():
+        with torch.no_grad():
+            return trie_beam_search(model, tokenizer.prefix_trie, model.encode(image_embeds=queries), 5, 5)
+
+    assert not head.reads_decoder_states
+    fast = search()
+    assert decoder_runs == [] and all(len(row) == 5 for row in fast)
+    with monkeypatch.context() as forced:
+        forced.setattr(type(head), "reads_decoder_states", property(lambda self: True))
+        through_decoder = search()
+    assert decoder_runs, "the forced search ran the decoder"
+    assert [[index for index, _ in row] for row in fast] == [[index for index, _ in row] for row in through_decoder]
+    np.testing.assert_allclose([[s for _, s in row] for row in fast], [[s for _, s in row] for row in through_decoder],
+                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        head.step_query.bias[0] = 0.5
+    assert head.reads_decoder_states
+    decoder_runs.clear()
+    search()
+    assert decoder_runs
