@@ -96,6 +96,12 @@ class IdentifierHead(nn.Module):
         correction = self.step_query
         return bool(correction.weight.any()) or (correction.bias is not None and bool(correction.bias.any()))
 
+    @property
+    def decoder_is_idle(self) -> bool:
+        """Whether the decoder can change no score, now or by training: its step correction is zero and frozen
+        (`optimizer_cls_and_kwargs` freezes the parts whose learning rate is 0). Training then runs no decoder."""
+        return not self.reads_decoder_states and not any(p.requires_grad for p in self.step_query.parameters())
+
     # ----------------------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def set_identifiers(self, paths: torch.Tensor, token_rows: torch.Tensor, num_edges: int,

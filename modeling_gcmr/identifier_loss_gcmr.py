@@ -31,16 +31,21 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
     paths = head.paths.long()[gold]
     # A collection of one identifier has no negative to score (and a 0-row decoder pass cannot run): off there.
     negatives_on = model.config.hard_negatives > 0 and model.training and head.num_identifiers > 1
+    # A frozen, zero step correction makes every step's query the base query: the decoder's states would meet only
+    # that zero map (the same loss, at a fraction of the cost; evaluation still runs it for its hidden states).
+    idle = model.training and head.decoder_is_idle
     # With hard negatives, keep the cross-attention keys and values of the memory: the negatives reuse them.
-    states, cache = model.decoder_states(head.decoder_inputs(paths), encoded, use_cache=negatives_on)
+    states, cache = (None, None) if idle else model.decoder_states(head.decoder_inputs(paths), encoded,
+                                                                   use_cache=negatives_on)
     base = interpolated_queries(model, encoded, paths)
+    queries = base[:, None, :].expand(-1, paths.shape[1], -1) if idle else head.step_queries(base, states)
     candidates, gold_position = head.candidates(gold)
     teacher = teacher_scores(model, encoded, candidates)
-    loss, logits = head.loss(head.step_queries(base, states), gold_position, model.config.prefix_loss_weight,
-                             teacher, model.config.distill_weight, candidates)
+    loss, logits = head.loss(queries, gold_position, model.config.prefix_loss_weight, teacher,
+                             model.config.distill_weight, candidates)
     if negatives_on:
         loss = loss + hard_negative_loss(model, encoded, base, logits, gold_position, candidates,
-                                         cache.cross_attention_cache)
+                                         None if idle else cache.cross_attention_cache)
     consistency = None
     if rdrop:
         first, second = logits.float().chunk(2)
@@ -52,7 +57,7 @@ def identifier_head_loss(model: Any, encoded, labels, rdrop):
 
 def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, logits: torch.Tensor,
                        gold_position: torch.Tensor, candidates: torch.Tensor | None,
-                       memory_cache: DynamicCache) -> torch.Tensor:
+                       memory_cache: DynamicCache | None) -> torch.Tensor:
     """Cross-entropy of the gold identifier against the hardest negatives, each scored with its *own* decoder
     states. The softmax over all identifiers scores every candidate with the gold path's query vectors (one
     decoder pass instead of one per identifier); beam search scores each path with its own, and a decoder
@@ -60,7 +65,8 @@ def hard_negative_loss(model: Any, encoded: GcmrEncoderOutput, base: torch.Tenso
     Scoring the negatives that look best under the shared vectors with their own states closes that gap.
 
     The memory's cross-attention keys and values (`memory_cache`, from the gold pass) are shared by a query's
-    negatives rather than projected again for each: they were most of the cost of this loss."""
+    negatives rather than projected again for each: they were most of the cost of this loss. None: the decoder is
+    idle (`IdentifierHead.decoder_is_idle`), and a negative's own score is its base-query score."""
     count = min(model.config.hard_negatives, logits.shape[1] - 1)
     with torch.no_grad():
         masked = logits.detach().scatter(1, gold_position[:, None], float("-inf"))
@@ -94,19 +100,23 @@ def _with_mined_negatives(model: Any, negatives: torch.Tensor,
 
 
 def own_path_scores(model: Any, encoded: GcmrEncoderOutput, base: torch.Tensor, identifiers: torch.Tensor,
-                    memory_cache: DynamicCache) -> torch.Tensor:
+                    memory_cache: DynamicCache | None) -> torch.Tensor:
     """The score of each identifier (B, K) for its row's query, with the decoder run on that identifier's own path:
-    what beam search computes. `memory_cache` holds the cross-attention keys and values of the rows' memory."""
+    what beam search computes. `memory_cache` holds the cross-attention keys and values of the rows' memory (None:
+    an idle decoder, so every step scores with the base query)."""
     head = model.identifier_head
     batch, count = identifiers.shape
     rows = torch.arange(batch, device=identifiers.device).repeat_interleave(count)
     paths = head.paths.long()[identifiers.flatten()]
-    shared = DynamicCache()
-    for index, layer in enumerate(memory_cache.layers):
-        shared.update(layer.keys[rows], layer.values[rows], index)
-    states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows=rows, use_cache=True,
-                                     cache=EncoderDecoderCache(DynamicCache(), shared))
-    queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
+    if memory_cache is None:
+        queries = base[rows][:, None, :]
+    else:
+        shared = DynamicCache()
+        for index, layer in enumerate(memory_cache.layers):
+            shared.update(layer.keys[rows], layer.values[rows], index)
+        states, _ = model.decoder_states(head.decoder_inputs(paths), encoded, rows=rows, use_cache=True,
+                                         cache=EncoderDecoderCache(DynamicCache(), shared))
+        queries = head.step_queries(base[rows], states)[:, : paths.shape[1]]
     steps = (queries * head.vectors_of(paths.clamp(min=0))).sum(-1) * (paths >= 0)
     return (head.scale * steps.sum(1)).view(batch, count)
 

@@ -87,6 +87,41 @@ def test_trainer_applies_each_part_its_own_rate(tiny, tmp_path):
     assert query < 0.3 * step_query
 
 
+def test_a_fixed_decoder_is_frozen_and_training_skips_it_with_the_same_loss(tiny, tmp_path, monkeypatch):
+    """--decoder_learning_rate 0 freezes the decoder part; its step correction stays zero, so the loss (hard
+    negatives included) is computed without running the decoder, and equals the loss that runs it."""
+    from transformers import TrainingArguments
+
+    model = tiny["make_model"]().train()
+    head = model.identifier_head
+    batch = GcmrDataCollator.from_config(model.config, tiny["tokenizer"])([tiny["train"][i] for i in range(8)])
+    decoder_runs = []
+    decoder_states = model.decoder_states
+    monkeypatch.setattr(model, "decoder_states", lambda *args, **kwargs: decoder_runs.append(1) or decoder_states(
+        *args, **kwargs))
+    assert not head.reads_decoder_states and not head.decoder_is_idle  # zero at the start, but trainable
+    torch.manual_seed(0)
+    through_decoder = model(**batch).loss
+    assert decoder_runs
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, report_to=[], use_cpu=True)
+    optimizer = optimizer_cls_and_kwargs(model, args, None, None, 0.0)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {name for name, _ in model.named_parameters() if parameter_part(name) == "decoder"}
+    assert head.decoder_is_idle
+    decoder_runs.clear()
+    torch.manual_seed(0)
+    idle = model(**batch).loss
+    assert decoder_runs == []
+    torch.testing.assert_close(idle, through_decoder, rtol=1e-5, atol=1e-5)
+
+    start = head.edge_vectors.detach().clone()
+    trainer = _trainer(tiny, model, tmp_path, optimizer=optimizer, max_steps=3)
+    trainer.train()
+    assert decoder_runs == []  # nor in any training step
+    assert not torch.equal(head.edge_vectors, start) and not head.reads_decoder_states
+
+
 def test_dense_aware_start_gets_a_slower_decoder_by_default(tiny):
     from types import SimpleNamespace
 

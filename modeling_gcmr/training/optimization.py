@@ -116,7 +116,14 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     Where `sparse_edge_gradients(model)` (a sampled softmax), the model's head is switched to sparse gradients and
     AdamW (`--optim adamw_torch`, the default) becomes `LazyAdamW`, which takes over `args.max_grad_norm` (the
     Trainer's clipping cannot see the sparse gradient; it is set to 0 in `args`, and the norm the Trainer logs leaves
-    the edge vectors out). Another optimizer keeps dense gradients."""
+    the edge vectors out). Another optimizer keeps dense gradients. Parts whose rate is 0 are frozen
+    (`requires_grad=False`): a decoder fixed at its zero start then does not run in training
+    (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search."""
+    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "decoder": decoder_learning_rate}
+    for name, parameter in model.named_parameters():
+        if rates[parameter_part(name)] == 0:
+            # Fixed parts need no gradient, and a fixed zero step correction lets training skip the decoder.
+            parameter.requires_grad_(False)
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
         model.identifier_head.sparse_gradients = True
