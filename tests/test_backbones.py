@@ -142,13 +142,16 @@ def test_run_gcmr_trains_on_an_encoder_folder_and_the_retriever_loads_without_th
         tokenizer = AutoTokenizer.from_pretrained({str(out / "retriever")!r}, trust_remote_code=True)
         hits = model.retrieve(["a red circle", "the green star next to a star"], tokenizer, top_k=3)
         print(json.dumps({{"hits": hits, "stored": model.stored_image_features is not None,
-                          "distill": model.config.distill_weight}}))
+                          "distill": model.config.distill_weight, "hard_negatives": model.config.hard_negatives,
+                          "decoder": model.identifier_head.reads_decoder_states}}))
         """,
         cwd=str(tmp_path),
     )
     assert all(len(row) == 3 and {k for k, _ in row} <= {r["image_key"] for r in rows} for row in loaded["hits"])
     # the recommended defaults: features stored (rerank works) and distillation on, as the features share the space
     assert loaded["stored"] and loaded["distill"] == 10.0
+    # a dense-aware start keeps its decoder fixed at the zero correction: no hard negatives, and search runs no decoder
+    assert loaded["hard_negatives"] == 0 and loaded["decoder"] is False
     # no held-out queries, yet the checkpoint carries its card: what was trained, and that nothing was measured
     card = (out / "retriever" / "README.md").read_text()
     assert "identifier-coarse-fine" in card and "Not evaluated" in card and "model-index" not in card

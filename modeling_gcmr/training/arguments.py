@@ -72,8 +72,10 @@ class ModelArguments:
     interpolation_prob: float = field(
         default=0.0, metadata={"help": "Share of text queries replaced by GENIUS query/target interpolation in training."}
     )
-    hard_negatives: int = field(
-        default=4, metadata={"help": "Negatives per query scored with their own decoder states in training (0 = off)."}
+    hard_negatives: int | None = field(
+        default=None, metadata={"help": "Negatives per query scored with their own decoder states in training (0 = off); "
+                                "default: 4 where the decoder trains, 0 where it is fixed (--decoder_learning_rate 0, "
+                                "the default of a dense-aware start), since a fixed decoder gives no state of its own."}
     )
     beam_negatives: int = field(
         default=0, metadata={"help": "Negatives per image mined from the model's own beam on the training captions at "
