@@ -146,7 +146,8 @@ def test_a_search_without_a_decoder_term_runs_no_decoder_and_ranks_as_the_decode
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type, count=30)
     model = make_model(tokenizer, trained_decoder=False)
     head = model.identifier_head
-    queries = torch.nn.functional.normalize(torch.randn(6, EMBED_DIM, generator=torch.Generator().manual_seed(7)), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(6, EMBED_DIM, generator=torch.Generator().manual_seed(7)),
+                                            dim=-1)
     decoder_runs = []
     decoder_states = model.decoder_states
     monkeypatch.setattr(model, "decoder_states", lambda *args, **kwargs: decoder_runs.append(1) or decoder_states(

@@ -27,7 +27,7 @@ QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_quer
 # correction and neither training nor search runs it (`IdentifierHead.decoder_is_idle`). Chosen on the dev sets with
 # held-out features (docs/real_captions.md, "A fixed decoder"): against the earlier 0.1 with 4 hard negatives, R@1
 # 60.7 vs 59.8 (f30k-dev coarse_fine), 50.0 vs 50.1 (coco-dev coarse_fine), 61.8 vs 61.2 (f30k-dev semantic), with
-# 1.5-3x less training time and search 1.7-3.4x faster. 0.1 had itself been chosen over the common rate, which
+# 2.5-3x less training time and search 1.3-3.4x faster. 0.1 had itself been chosen over the common rate, which
 # lost R@1 in the first epoch ("Tuning: training that beats its start").
 DENSE_START_DECODER_SHARE = 0.0
 # A dense-aware start whose identifiers are longer than LONG_IDENTIFIER_LENGTH tokens (semantic ids: 16) trains
@@ -83,8 +83,9 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     """The per-part rates `args` asks for (`edge_learning_rate`, `query_learning_rate`, `decoder_learning_rate`),
     with the recommended defaults filled in for a dense-aware start (identifier head, queries in the features'
-    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate` (0: fixed), and every part whose rate is not given at
-    `LONG_IDENTIFIER_SHARE` of its default where identifiers are longer than `LONG_IDENTIFIER_LENGTH` tokens.
+    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate` (0: fixed), and every part whose rate is
+    not given at `LONG_IDENTIFIER_SHARE` of its default where identifiers are longer than `LONG_IDENTIFIER_LENGTH`
+    tokens.
     Anything else keeps None (the common rate): models from scratch learn their decoder from nothing."""
     rates = {part: getattr(args, f"{part}_learning_rate", None) for part in ("edge", "query", "decoder")}
     dense_start = (getattr(config, "identifier_head", None) == "identifier"
