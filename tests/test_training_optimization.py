@@ -15,6 +15,7 @@ from modeling_gcmr.training.optimization import (
     DENSE_START_DECODER_SHARE,
     LONG_IDENTIFIER_LENGTH,
     LONG_IDENTIFIER_SHARE,
+    VISION_DECODER_SHARE,
     optimizer_cls_and_kwargs,
     parameter_groups,
     parameter_part,
@@ -132,6 +133,9 @@ def test_dense_aware_start_keeps_its_decoder_fixed_by_default(tiny):
     assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
     model.config.shared_query_space = True  # queries start in the features' space: the dense-aware start
     assert DENSE_START_DECODER_SHARE == 0 and part_learning_rates(model.config, args)["decoder"] == 0
+    model.config.vision_config = {"hidden_size": 8}  # a vision tower trained from pixels sits in the decoder part
+    assert part_learning_rates(model.config, args)["decoder"] == pytest.approx(VISION_DECODER_SHARE * 1e-3)
+    model.config.vision_config = None
     args.decoder_learning_rate = 5e-4  # an explicit rate always wins
     assert part_learning_rates(model.config, args)["decoder"] == 5e-4
 
