@@ -22,7 +22,9 @@ from .lazy_adamw import LazyAdamW
 
 # Parameter name prefixes of each part (names as `GcmrForRetrieval.named_parameters()` gives them).
 EDGE_PARAMETERS = ("identifier_head.edge_vectors",)
-QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_query_projection.")
+# The vision tower makes the image queries: in the decoder part, a fixed decoder froze it (glyphs read from pixels,
+# `benchmarks/memorization.py` with the decoder fixed: own-pixel R@1 15.0; with the tower here 84.5).
+QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_query_projection.", "vision_tower.")
 # The decoder's rate as a share of --learning_rate for a dense-aware start: 0, so the decoder stays at its zero
 # correction and neither training nor search runs it (`IdentifierHead.decoder_is_idle`). Chosen on the dev sets with
 # held-out features (docs/real_captions.md, "A fixed decoder"): against the earlier 0.1 with 4 hard negatives, R@1
@@ -30,10 +32,6 @@ QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_quer
 # 2.5-3x less training time and search 1.3-3.4x faster. 0.1 had itself been chosen over the common rate, which
 # lost R@1 in the first epoch ("Tuning: training that beats its start").
 DENSE_START_DECODER_SHARE = 0.0
-# The same with a vision tower trained from pixels: the tower belongs to the decoder part, and fixing the part would
-# freeze it (glyphs read from pixels, `benchmarks/memorization.py` with the decoder fixed: each image's own pixels
-# found their image at R@1 15.0 against 82.0), so such models keep the earlier share.
-VISION_DECODER_SHARE = 0.1
 # A dense-aware start whose identifiers are longer than LONG_IDENTIFIER_LENGTH tokens (semantic ids: 16) trains
 # every part at LONG_IDENTIFIER_SHARE of its default rate. AdamW moves each edge vector by about the rate per step
 # whatever its gradient, and a score sums one edge per token, so a 16-token path drifts about four times as far per
@@ -87,9 +85,9 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     """The per-part rates `args` asks for (`edge_learning_rate`, `query_learning_rate`, `decoder_learning_rate`),
     with the recommended defaults filled in for a dense-aware start (identifier head, queries in the features'
-    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate` (0: fixed; `VISION_DECODER_SHARE` with a
-    vision tower), and every part whose rate is not given at `LONG_IDENTIFIER_SHARE` of its default where
-    identifiers are longer than `LONG_IDENTIFIER_LENGTH` tokens.
+    space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate` (0: fixed), and every part whose rate is
+    not given at `LONG_IDENTIFIER_SHARE` of its default where identifiers are longer than `LONG_IDENTIFIER_LENGTH`
+    tokens.
     Anything else keeps None (the common rate): models from scratch learn their decoder from nothing."""
     rates = {part: getattr(args, f"{part}_learning_rate", None) for part in ("edge", "query", "decoder")}
     dense_start = (getattr(config, "identifier_head", None) == "identifier"
@@ -97,9 +95,8 @@ def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
     if not dense_start:
         return rates
     share = LONG_IDENTIFIER_SHARE if getattr(config, "max_identifier_length", 0) > LONG_IDENTIFIER_LENGTH else 1.0
-    decoder_share = DENSE_START_DECODER_SHARE if getattr(config, "vision_config", None) is None else VISION_DECODER_SHARE
     defaults = {"edge": share * args.learning_rate, "query": share * args.learning_rate,
-                "decoder": share * decoder_share * args.learning_rate}
+                "decoder": share * DENSE_START_DECODER_SHARE * args.learning_rate}
     return {part: defaults[part] if rate is None else rate for part, rate in rates.items()}
 
 
@@ -150,6 +147,5 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     return optimizer_cls, {**kwargs, "params": groups}
 
 
-__all__ = ["DENSE_START_DECODER_SHARE", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE", "VISION_DECODER_SHARE",
-           "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part", "part_learning_rates",
-           "sparse_edge_gradients"]
+__all__ = ["DENSE_START_DECODER_SHARE", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs",
+           "parameter_groups", "parameter_part", "part_learning_rates", "sparse_edge_gradients"]
