@@ -58,8 +58,6 @@ from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 logger = logging.getLogger(__name__)
 # Identifier types built from image embeddings, and the flags that provide them.
 EMBEDDING_ID_TYPES = ("structured", "coarse_fine")
-# Hard negatives re-scored with their own decoder states, where the decoder trains (f30k-dev, docs/real_captions.md).
-HARD_NEGATIVES = 4
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,7 +220,6 @@ def _model_and_tokenizer(corpus, train_corpus, dense_embeddings, model_args, dat
             consistency_weight=model_args.consistency_weight,
             score_scale=model_args.score_scale,
             prefix_loss_weight=model_args.prefix_loss_weight,
-            hard_negatives=HARD_NEGATIVES if model_args.hard_negatives is None else model_args.hard_negatives,
             interpolation_prob=model_args.interpolation_prob,
             max_query_tokens=model_args.max_query_tokens,
         )
@@ -297,6 +294,7 @@ def _vision_tower(corpus: datasets.Dataset, model_args: ModelArguments) -> Visio
 
 def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_args, training_args) -> Trainer:
     rates = part_learning_rates(model.config, training_args)
+    # --hard_negatives, else the config's (GcmrConfig's default for a new model), else 0 for a fixed decoder.
     if model_args.hard_negatives is not None:
         model.config.hard_negatives = model_args.hard_negatives
     elif rates["decoder"] == 0:

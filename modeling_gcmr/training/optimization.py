@@ -29,7 +29,7 @@ QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_quer
 # correction and neither training nor search runs it (`IdentifierHead.decoder_is_idle`). Chosen on the dev sets with
 # held-out features (docs/real_captions.md, "A fixed decoder"): against the earlier 0.1 with 4 hard negatives, R@1
 # 60.7 vs 59.8 (f30k-dev coarse_fine), 50.0 vs 50.1 (coco-dev coarse_fine), 61.8 vs 61.2 (f30k-dev semantic), with
-# 2.5-3x less training time and search 1.3-3.4x faster. 0.1 had itself been chosen over the common rate, which
+# 2.5-3.2x less training time and search 1.3-3.4x faster. 0.1 had itself been chosen over the common rate, which
 # lost R@1 in the first epoch ("Tuning: training that beats its start").
 DENSE_START_DECODER_SHARE = 0.0
 # A dense-aware start whose identifiers are longer than LONG_IDENTIFIER_LENGTH tokens (semantic ids: 16) trains
@@ -127,11 +127,6 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     the edge vectors out). Another optimizer keeps dense gradients. Parts whose rate is 0 are frozen
     (`requires_grad=False`): a decoder fixed at its zero start then does not run in training
     (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search."""
-    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "decoder": decoder_learning_rate}
-    for name, parameter in model.named_parameters():
-        if rates[parameter_part(name)] == 0:
-            # Fixed parts need no gradient, and a fixed zero step correction lets training skip the decoder.
-            parameter.requires_grad_(False)
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
         model.identifier_head.sparse_gradients = True
@@ -142,6 +137,11 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     if "params" in kwargs or "model" in kwargs:
         raise ValueError(f"--optim {args.optim} builds its own parameter groups: per-part learning rates "
                          "(--edge/query/decoder_learning_rate) need an optimizer like adamw_torch")
+    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "decoder": decoder_learning_rate}
+    for name, parameter in model.named_parameters():
+        if rates[parameter_part(name)] == 0:
+            # Fixed parts need no gradient, and a fixed zero step correction lets training skip the decoder.
+            parameter.requires_grad_(False)
     groups = parameter_groups(model, args.learning_rate, args.weight_decay, edge_learning_rate, query_learning_rate,
                               decoder_learning_rate)
     return optimizer_cls, {**kwargs, "params": groups}
