@@ -50,6 +50,14 @@ def test_parameter_parts_cover_edges_query_projections_and_the_rest(tiny):
     assert {name for name, part in parts.items() if part == "query"} == {
         name for name in parts if name.startswith(("query_projection.", "image_query_projection."))}
     assert parts["identifier_head.step_query.weight"] == parts["identifier_head.log_scale"] == "decoder"
+    # the text encoder and its embeddings are a part of their own (a fixed decoder leaves them training)
+    encoder = {name for name, part in parts.items() if part == "encoder"}
+    assert all(name.startswith(("backbone.encoder.", "backbone.shared.", "embed_projector.")) for name in encoder)
+    encoder_tensors = {id(p) for module in (model.text_encoder(), model.embed_projector) for p in module.parameters()}
+    assert {id(p) for name, p in model.named_parameters() if name in encoder} == encoder_tensors
+    assert all(part == "decoder" for name, part in parts.items() if name.startswith("backbone.decoder."))
+    assert parameter_part("base_model.model.backbone.encoder.block.0.layer.0.SelfAttention.q.lora_A.default.weight") \
+        == "encoder"
     # wrappers prefix the names (PEFT: base_model.model.)
     assert parameter_part("base_model.model.identifier_head.edge_vectors") == "edge"
     assert parameter_part("base_model.model.query_projection.weight") == "query"
@@ -58,7 +66,7 @@ def test_parameter_parts_cover_edges_query_projections_and_the_rest(tiny):
 
     groups = parameter_groups(model, 1e-3, 0.1, edge_learning_rate=1e-5, query_learning_rate=0.0)
     rates = {(group["gcmr_part"], group["weight_decay"]) : group["lr"] for group in groups}
-    assert {part for part, _ in rates} == {"edge", "decoder"}  # a zero rate leaves the part out of the optimizer
+    assert {part for part, _ in rates} == {"edge", "encoder", "decoder"}  # a zero rate leaves the part out
     assert all(lr == (1e-5 if part == "edge" else 1e-3) for (part, _), lr in rates.items())
     grouped = [p for group in groups for p in group["params"]]
     assert len(grouped) == len({id(p) for p in grouped})  # no parameter twice
@@ -79,7 +87,7 @@ def test_trainer_applies_each_part_its_own_rate(tiny, tmp_path):
                        lr_scheduler_type="constant")
     trainer.train()
     rates = {group["gcmr_part"]: group["lr"] for group in trainer.optimizer.param_groups}
-    assert rates == {"query": pytest.approx(1e-3), "decoder": pytest.approx(1e-2)}
+    assert rates == {"query": pytest.approx(1e-3), "encoder": pytest.approx(1e-2), "decoder": pytest.approx(1e-2)}
     moved = {name: not torch.equal(start[name], p) for name, p in model.named_parameters()}
     assert not moved["identifier_head.edge_vectors"]  # rate 0: exactly where it started
     assert moved["query_projection.weight"] and moved["identifier_head.step_query.weight"]
@@ -110,7 +118,7 @@ def test_a_fixed_decoder_is_frozen_and_training_skips_it_with_the_same_loss(tiny
     optimizer = optimizer_cls_and_kwargs(model, args, None, None, 0.0)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {name for name, _ in model.named_parameters() if parameter_part(name) == "decoder"}
-    assert head.decoder_is_idle
+    assert head.decoder_is_idle and not model.text_encoder_is_frozen()  # the encoder still learns the queries
     decoder_runs.clear()
     torch.manual_seed(0)
     idle = model(**batch).loss
@@ -131,7 +139,7 @@ def test_dense_aware_start_keeps_its_decoder_fixed_by_default(tiny):
     args = SimpleNamespace(learning_rate=1e-3, edge_learning_rate=None, query_learning_rate=2e-4,
                            decoder_learning_rate=None)
     assert not model.config.shared_query_space  # a model from scratch: the common rate for its decoder
-    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
+    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "encoder": None, "decoder": None}
     model.config.shared_query_space = True  # queries start in the features' space: the dense-aware start
     assert DENSE_START_DECODER_SHARE == 0 and part_learning_rates(model.config, args)["decoder"] == 0
     args.decoder_learning_rate = 5e-4  # an explicit rate always wins
@@ -147,14 +155,15 @@ def test_long_identifiers_train_every_part_slower_by_default(tiny):
                            decoder_learning_rate=None)
     model.config.max_identifier_length = LONG_IDENTIFIER_LENGTH  # not longer: the defaults of short paths
     short = part_learning_rates(model.config, args)
-    assert short == pytest.approx({"edge": 1e-3, "query": 1e-3, "decoder": DENSE_START_DECODER_SHARE * 1e-3})
+    assert short == pytest.approx({"edge": 1e-3, "query": 1e-3, "encoder": 1e-3,
+                                   "decoder": DENSE_START_DECODER_SHARE * 1e-3})
     model.config.max_identifier_length = 2 * LONG_IDENTIFIER_LENGTH  # semantic ids: 16 tokens
     long = part_learning_rates(model.config, args)
     assert long == pytest.approx({part: LONG_IDENTIFIER_SHARE * rate for part, rate in short.items()})
     args.query_learning_rate = 2e-4  # an explicit rate always wins
     assert part_learning_rates(model.config, args)["query"] == 2e-4
     model.config.shared_query_space = False  # a model from scratch keeps the common rate, long or not
-    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "decoder": None}
+    assert part_learning_rates(model.config, args) == {"edge": None, "query": 2e-4, "encoder": None, "decoder": None}
 
 
 # ----------------------------------------------------------------------------- beam-mined hard negatives

@@ -165,10 +165,14 @@ class GcmrTrainingArguments(TrainingArguments):
     query_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the query projections (0: fixed); default: --learning_rate "
                                 "(a third of it for a dense-aware start with identifiers over 8 tokens)."})
+    encoder_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the text encoder and its token embeddings (0: fixed); "
+                                "default: --learning_rate (a third of it for a dense-aware start with identifiers over "
+                                "8 tokens). A pretrained encoder is frozen unless --freeze_text_encoder false."})
     decoder_learning_rate: float | None = field(
         default=None, metadata={"help": "Peak learning rate of the decoder and every other part (0: fixed); default: "
-                                "0.1 x --learning_rate for a dense-aware start (pretrained backbone whose queries share "
-                                "the features' space; a third of that with identifiers over 8 tokens), else --learning_rate."})
+                                "0 for a dense-aware start (pretrained backbone whose queries share the features' "
+                                "space: neither training nor search runs the decoder), else --learning_rate."})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})
