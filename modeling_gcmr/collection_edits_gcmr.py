@@ -87,7 +87,6 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
         model.resize_token_embeddings(edit.vocab_size)
     config.max_identifier_length = int(edit.token_rows.shape[1])
     config.identifier_signature = edit.signature
-    model.encoder_cache.clear()
 
 
 def remove_images(model: Any, keys: Sequence[str], tokenizer: Any) -> None:

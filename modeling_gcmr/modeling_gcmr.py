@@ -261,9 +261,13 @@ class GcmrForRetrieval(GcmrPreTrainedModel, GenerationMixin):
 
     def freeze_text_encoder(self, frozen: bool = True) -> None:
         """Stop (or restart) training the text encoder. A frozen encoder runs without dropout, and in training its
-        states are computed once per distinct query and reused (`encoder_cache`)."""
+        states are computed once per distinct query and reused (`encoder_cache`), until the encoder may train again."""
+        # Freezing a frozen encoder keeps the cache: its weights cannot have moved since the states were computed
+        # (a refresh after every add freezes it again, and would otherwise encode its replayed captions anew).
+        keep = frozen and self.text_encoder_is_frozen()
         self.text_encoder().requires_grad_(not frozen)
-        self.encoder_cache.clear()
+        if not keep:
+            self.encoder_cache.clear()
 
     def text_encoder_is_frozen(self) -> bool:
         return not any(parameter.requires_grad for parameter in self.text_encoder().parameters())

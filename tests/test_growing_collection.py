@@ -417,3 +417,34 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     # the freeze is undone (the text encoder stays frozen, as the refresh asked)
     assert model.query_projection.weight.requires_grad and head.step_query.weight.requires_grad
     assert model.text_encoder_is_frozen()
+
+
+def test_a_frozen_encoders_cached_states_outlive_an_add_and_a_second_freeze(text_tokenizer):
+    """A refresh after every add freezes the text encoder again: its cached states stay (the weights cannot have
+    moved), give the loss a fresh encoding gives, and go once the encoder may train."""
+    from modeling_gcmr.training.collator import GcmrDataCollator
+    from modeling_gcmr.training.examples import TrainingExamplesConfig, build_training_examples
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.freeze_text_encoder(True)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    rows = build_training_examples(_corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW), tokenizer,
+                                   TrainingExamplesConfig(seed=0), query_token_limit=model.config.query_token_limit)
+    batch = GcmrDataCollator.from_config(model.config, tokenizer)([rows[i] for i in range(len(rows))])
+    model.train()
+    model(**batch)
+    cached = len(model.encoder_cache)
+    assert cached >= len(set(CAPTIONS[NUM_OLD:]))  # an entry per distinct text query (the captions, and prompts)
+
+    model.add_images(["later"], tokenizer, image_embeds=OLD[:1] + 0.01)
+    model.freeze_text_encoder(True)
+    assert len(model.encoder_cache) == cached
+    with torch.no_grad():
+        torch.manual_seed(0)
+        from_cache = model(**batch).loss
+        model.encoder_cache.clear()
+        torch.manual_seed(0)
+        fresh = model(**batch).loss
+    torch.testing.assert_close(from_cache, fresh, rtol=1e-5, atol=1e-6)
+    model.freeze_text_encoder(False)
+    assert len(model.encoder_cache) == 0
