@@ -115,11 +115,22 @@ def captions(count: int, seed: int) -> list[str]:
     return ["a photo of a " + " ".join(row) for row in words]
 
 
+def tiny_model(tokenizer: Any) -> Any:
+    """A GcmrForRetrieval with a one-layer T5 of width 32 and an identifier space of the features' width: the
+    figures are then the collection's costs, not the backbone's."""
+    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+
+    return GcmrForRetrieval(GcmrConfig(
+        text_config=dict(model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=32, d_ff=64, d_kv=8,
+                         num_heads=4, num_layers=1, decoder_start_token_id=tokenizer.pad_token_id,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_embed_dim=DIM, identifier_dim=DIM))
+
+
 # ------------------------------------------------------------------------------------------------ the two halves
 def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float) -> dict:
     import torch
 
-    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
     from modeling_gcmr.publishing.checkpoint import save_retriever
     from modeling_gcmr.training.lazy_adamw import LazyAdamW
     from modeling_gcmr.training.optimization import sparse_edge_gradients
@@ -135,11 +146,7 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
         text = train_text_tokenizer(captions(2000, seed=1), vocab_size=200)
         tokenizer = ImageIdTokenizer(text, table)
     del table
-    model = GcmrForRetrieval(GcmrConfig(
-        text_config=dict(model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=32, d_ff=64, d_kv=8,
-                         num_heads=4, num_layers=1, decoder_start_token_id=tokenizer.pad_token_id,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
-        image_embed_dim=DIM, identifier_dim=DIM))
+    model = tiny_model(tokenizer)
     with steps.step("fit"):
         model.set_identifier_vocabulary(tokenizer, image_embeds=matrix)
         model.store_image_features(matrix)
