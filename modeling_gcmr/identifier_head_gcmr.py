@@ -225,6 +225,32 @@ class IdentifierHead(nn.Module):
         the (R, D) product that `(q * v).sum(-1)` writes (a third faster on CPU at 63k rows of 384)."""
         return self.scale * torch.einsum("rd,rd->r", queries, self.vectors_of(edges))
 
+    def owned_edge_scores(self, queries: torch.Tensor, owners: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        """scale * queries[owner] . v(edge) for paired rows: queries (Q, D), owners and edges (R,) -> (R,).
+
+        Search only (no gradient). On CPU one matrix-vector product per query over its own edges' vectors, instead of
+        a gathered query row per pair next to a gathered edge vector: at a million images the lookahead scores
+        ~170k pairs of queries near distinct images at a time, and the pairwise product was memory-bound (174k pairs
+        of 512: 274 ms with the einsum over both gathered copies, 38 ms grouped by query; `benchmarks/
+        scale_search.py`). Elsewhere (a GPU) the einsum of `edge_scores`."""
+        if queries.device.type != "cpu" or len(edges) == 0:
+            return self.edge_scores(queries[owners], edges)
+        order = None
+        if bool((owners[1:] < owners[:-1]).any()):
+            # The lookahead's pairs come grouped by query; anything else is grouped here.
+            order = torch.argsort(owners, stable=True)
+            owners, edges = owners[order], edges[order]
+        scores = torch.empty(len(edges), dtype=queries.dtype, device=queries.device)
+        ids, counts = torch.unique_consecutive(owners, return_counts=True)
+        start = 0
+        for query, count in zip(ids.tolist(), counts.tolist()):
+            scores[start : start + count] = self.vectors_of(edges[start : start + count]) @ queries[query]
+            start += count
+        scores = self.scale * scores
+        if order is None:
+            return scores
+        return torch.empty_like(scores).index_copy_(0, order, scores)
+
     def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor | None) -> torch.Tensor:
         """scale * q . v(edge) for every query against the same edges (None: every edge of the trie): queries (R, D),
         edges (E,) -> (R, E). One matrix product, where pairing would gather an (R * E, D) copy of the edge vectors
@@ -351,6 +377,9 @@ class TrieEdgeScores:
 
     def edge_scores(self, queries: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
         return self.head.edge_scores(queries, self._rows(edges))
+
+    def owned_edge_scores(self, queries: torch.Tensor, owners: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        return self.head.owned_edge_scores(queries, owners, self._rows(edges))
 
     def shared_edge_scores(self, queries: torch.Tensor, edges: torch.Tensor | None) -> torch.Tensor:
         """(R, E) scores; `edges` None: every edge of the trie, in the trie's order."""

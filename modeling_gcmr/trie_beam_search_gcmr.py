@@ -241,7 +241,7 @@ def _scores(scorer: Any, base: torch.Tensor, queries: torch.Tensor, edges: torch
         # Every query against every distinct edge, one matrix product: near the root the queries of a batch look at
         # the same nodes, and deeper down a product is still cheaper than gathering a vector per (query, edge) pair.
         return scorer.shared_edge_scores(base, distinct)[queries, position].float()
-    return scorer.edge_scores(base[queries], edges).float()
+    return scorer.owned_edge_scores(base, queries, edges).float()
 
 
 def _best_per_group(groups: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:

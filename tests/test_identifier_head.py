@@ -57,6 +57,11 @@ def test_beam_search_scores_of_children_equal_the_full_head(text_tokenizer, capt
         nodes = engine.next_node[children[: 4]].clamp(min=0)
         rows, edges = engine.edges_of(nodes)
         torch.testing.assert_close(head.edge_scores(queries[rows], edges), full[rows, edges])
+        # the lookahead's pairs, grouped by query or in any order: one product per query
+        torch.testing.assert_close(head.owned_edge_scores(queries, rows, edges), full[rows, edges])
+        shuffled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(head.owned_edge_scores(queries, rows[shuffled], edges[shuffled]),
+                                   full[rows[shuffled], edges[shuffled]])
 
 
 @pytest.mark.parametrize("id_type", ["structured", "coarse_fine"])
