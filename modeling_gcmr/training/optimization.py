@@ -93,7 +93,7 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
 
 
 def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
-    """The per-part rates `args` asks for (`edge_learning_rate`, `query_learning_rate`, `decoder_learning_rate`),
+    """The per-part rates `args` asks for (`edge_`, `query_`, `encoder_`, `decoder_learning_rate`),
     with the recommended defaults filled in for a dense-aware start (identifier head, queries in the features'
     space): the decoder at `DENSE_START_DECODER_SHARE` of `learning_rate` (0: fixed), and every part whose rate is
     not given at `LONG_IDENTIFIER_SHARE` of its default where identifiers are longer than `LONG_IDENTIFIER_LENGTH`
