@@ -26,9 +26,8 @@ EDGE_PARAMETERS = ("identifier_head.edge_vectors",)
 # `benchmarks/memorization.py` with the decoder fixed: own-pixel R@1 15.0; with the tower here 84.5).
 QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_query_projection.", "vision_tower.")
 # The text encoder (with the token embeddings it shares with the decoder, and the projectors of visual tokens into
-# it): what a model from scratch learns its text queries with. In the decoder part, a fixed decoder froze it (shapes,
-# `benchmarks/memorization.py` with the decoder fixed: unseen phrasings 86.3 -> 84.7). A pretrained encoder is frozen
-# by default anyway (`freeze_text_encoder`); unfrozen, it trains at this part's rate.
+# it): what a model from scratch learns its text queries with. In the decoder part, a fixed decoder froze it, and with
+# it a pretrained encoder that `--freeze_text_encoder false` had asked to train (frozen by default anyway).
 ENCODER_PARAMETERS = ("backbone.encoder.", "backbone.shared.", "backbone.model.encoder.", "backbone.model.shared.",
                       "embed_projector.", "vision_projector.")
 PARTS = ("edge", "query", "encoder", "decoder")
@@ -76,8 +75,7 @@ def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float
             vectors / the query projections / the text encoder / everything else (decoder, step query map, score
             scale); 0 keeps that part fixed (it is left out of the optimizer).
     """
-    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "encoder": encoder_learning_rate,
-             "decoder": decoder_learning_rate}
+    rates = dict(zip(PARTS, (edge_learning_rate, query_learning_rate, encoder_learning_rate, decoder_learning_rate)))
     for part, rate in rates.items():
         if rate is not None and rate < 0:
             raise ValueError(f"the {part} learning rate must be >= 0, got {rate}")
@@ -106,7 +104,8 @@ def part_learning_rates(config: Any, args: Any) -> dict[str, float | None]:
         return rates
     share = LONG_IDENTIFIER_SHARE if getattr(config, "max_identifier_length", 0) > LONG_IDENTIFIER_LENGTH else 1.0
     defaults = {"edge": share * args.learning_rate, "query": share * args.learning_rate,
-                "encoder": share * args.learning_rate, "decoder": share * DENSE_START_DECODER_SHARE * args.learning_rate}
+                "encoder": share * args.learning_rate,
+                "decoder": share * DENSE_START_DECODER_SHARE * args.learning_rate}
     return {part: defaults[part] if rate is None else rate for part, rate in rates.items()}
 
 
@@ -137,19 +136,17 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     the edge vectors out). Another optimizer keeps dense gradients. Parts whose rate is 0 are frozen
     (`requires_grad=False`): a decoder fixed at its zero start then does not run in training
     (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search."""
+    rates = dict(zip(PARTS, (edge_learning_rate, query_learning_rate, encoder_learning_rate, decoder_learning_rate)))
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
         model.identifier_head.sparse_gradients = True
         optimizer_cls, kwargs = LazyAdamW, {**kwargs, "max_grad_norm": args.max_grad_norm or 0.0}
         args.max_grad_norm = 0.0
-    elif all(rate is None for rate in (edge_learning_rate, query_learning_rate, encoder_learning_rate,
-                                       decoder_learning_rate)):
+    elif all(rate is None for rate in rates.values()):
         return None
     if "params" in kwargs or "model" in kwargs:
         raise ValueError(f"--optim {args.optim} builds its own parameter groups: per-part learning rates "
                          "(--edge/query/encoder/decoder_learning_rate) need an optimizer like adamw_torch")
-    rates = {"edge": edge_learning_rate, "query": query_learning_rate, "encoder": encoder_learning_rate,
-             "decoder": decoder_learning_rate}
     for name, parameter in model.named_parameters():
         if rates[parameter_part(name)] == 0:
             # Fixed parts need no gradient, and a fixed zero step correction lets training skip the decoder.
@@ -159,5 +156,6 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     return optimizer_cls, {**kwargs, "params": groups}
 
 
-__all__ = ["DENSE_START_DECODER_SHARE", "ENCODER_PARAMETERS", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs",
-           "parameter_groups", "parameter_part", "part_learning_rates", "sparse_edge_gradients"]
+__all__ = ["DENSE_START_DECODER_SHARE", "ENCODER_PARAMETERS", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE",
+           "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part", "part_learning_rates",
+           "sparse_edge_gradients"]
