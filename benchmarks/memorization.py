@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "examples")]
+import demo  # noqa: E402
 import run_gcmr  # noqa: E402
 from report import REPO, git_revision, machine, markdown_table, write_section  # noqa: E402
 
@@ -45,10 +46,8 @@ from modeling_gcmr.training.synthetic import make_synthetic_corpus, write_imagef
 from tokenization_gcmr import ImageIdTokenizer  # noqa: E402
 
 DOC_PATH = REPO / "docs" / "memorization.md"
-# What `make demo` trains with (examples/demo.py), so "in the demo's budget" means exactly this.
-DEMO_TRAINING = ["--num_train_epochs", "60", "--learning_rate", "3e-3", "--warmup_steps", "0.05",
-                 "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "32", "--d_model", "128",
-                 "--d_ff", "256", "--num_layers", "2", "--num_beams", "10", "--seed", "0", "--disable_tqdm", "true"]
+# What `make demo` trains with, so "in the demo's budget" means exactly this.
+DEMO_TRAINING = [*demo.training_options(demo.SIZES["full"], seed=0), "--disable_tqdm", "true"]
 CORPORA = {
     # name: (corpus maker, images, run_gcmr arguments)
     "shapes": (make_synthetic_corpus, 300, ["--id_type", "coarse_fine", "--image_input", "embeds"]),

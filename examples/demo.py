@@ -48,9 +48,15 @@ from modeling_gcmr.training.data import load_corpus, split_captions  # noqa: E40
 from modeling_gcmr.training.synthetic import make_synthetic_corpus, write_imagefolder  # noqa: E402
 
 # The full size trains in a few minutes on 2 CPU cores; "quick" in seconds, for the test.
+# 16 heads, no dropout and no gradient clipping in "full": a training caption is missed when another image binds
+# its two colours and shapes the other way round, and the 2-layer encoder learns to tell those apart in 60 epochs
+# with more heads, no dropout and steps not clipped to norm 1 (its gradients' norms are 5-15), at about the same
+# cost (benchmarks/binding_probe.py, docs/memorization.md).
 SIZES = {
-    "full": dict(num_images=300, captions_per_image=3, epochs=60, d_model=128, num_layers=2, num_beams=10, dense_epochs=20),
-    "quick": dict(num_images=24, captions_per_image=2, epochs=60, d_model=64, num_layers=1, num_beams=4, dense_epochs=5),
+    "full": dict(num_images=300, captions_per_image=3, epochs=60, d_model=128, num_layers=2, num_heads=16, dropout=0.0,
+                 max_grad_norm=0.0, num_beams=10, dense_epochs=20),
+    "quick": dict(num_images=24, captions_per_image=2, epochs=60, d_model=64, num_layers=1, num_heads=4, dropout=0.1,
+                  max_grad_norm=1.0, num_beams=4, dense_epochs=5),
 }
 LATENCY_BEAMS = (1, 2, 5, 10)
 # Queries shown in gallery.html; every thumbnail is inlined, so the page stays a few hundred KB.
@@ -66,6 +72,16 @@ class DemoArguments:
     quick: bool = field(default=False, metadata={"help": "A tiny corpus and model: seconds instead of minutes (for tests)."})
     id_type: str = field(default="coarse_fine", metadata={"help": "Identifier type (see build_identifiers)."})
     seed: int = field(default=0, metadata={"help": "Seed of the corpus, the identifiers and the training."})
+
+
+def training_options(sizes: dict, seed: int) -> list[str]:
+    """run_gcmr.py's model and optimizer options for a demo size (benchmarks/memorization.py trains with them too)."""
+    return ["--num_train_epochs", str(sizes["epochs"]), "--d_model", str(sizes["d_model"]),
+            "--d_ff", str(2 * sizes["d_model"]), "--num_layers", str(sizes["num_layers"]),
+            "--num_heads", str(sizes["num_heads"]), "--dropout_rate", str(sizes["dropout"]),
+            "--max_grad_norm", str(sizes["max_grad_norm"]),
+            "--num_beams", str(sizes["num_beams"]), "--learning_rate", "3e-3", "--warmup_steps", "0.05",
+            "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "32", "--seed", str(seed)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,12 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     trained = run_gcmr.main([
         "--corpus", str(corpus_dir), "--output_dir", str(run_dir), "--id_type", args.id_type,
         "--do_train", "--do_eval", "--baseline", "--baseline_epochs", str(sizes["dense_epochs"]),
-        "--num_train_epochs", str(sizes["epochs"]), "--d_model", str(sizes["d_model"]),
-        "--d_ff", str(2 * sizes["d_model"]), "--num_layers", str(sizes["num_layers"]),
-        "--num_beams", str(sizes["num_beams"]), "--learning_rate", "3e-3", "--warmup_steps", "0.05",
-        "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64",
+        *training_options(sizes, args.seed), "--per_device_eval_batch_size", "64",
         "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "50", "--report_to", "none",
-        "--seed", str(args.seed), "--log_level", "warning",
+        "--log_level", "warning",
     ])
     checkpoint = run_dir / "retriever"
     print(f"[2/4] trained and saved the retriever to {checkpoint}")
