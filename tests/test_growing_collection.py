@@ -369,11 +369,17 @@ def test_remote_code_reload_keeps_the_edits(text_tokenizer, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- refresh
-def _corpus(keys, captions, features):
+def _corpus(keys, captions, features, with_pixels=False):
+    """A corpus as load_corpus returns it; `with_pixels` adds an `image` column too (a folder whose metadata holds
+    features loads with both)."""
     import datasets
+    from PIL import Image
 
-    return datasets.Dataset.from_dict({"image_key": list(keys), "captions": [[c] for c in captions],
-                                       "image_embeds": [row.tolist() for row in features]})
+    columns = {"image_key": list(keys), "captions": [[c] for c in captions],
+               "image_embeds": [row.tolist() for row in features]}
+    if with_pixels:
+        columns["image"] = [Image.new("RGB", (8, 8), (i % 256, 0, 0)) for i in range(len(columns["image_key"]))]
+    return datasets.Dataset.from_dict(columns)
 
 
 def test_refresh_trains_on_the_new_images_with_replay_of_current_old_ones(text_tokenizer, tmp_path):
@@ -408,8 +414,9 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
     args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
                                  save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
-    refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW),
-                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args)  # scope="new" is the default
+    # Corpora with pixels as well as features (as load_corpus gives them): the features model reads its features.
+    refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW, with_pixels=True),
+                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD, with_pixels=True), args)  # scope="new" is the default
     old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
     changed = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
     assert changed == ["identifier_head.edge_vectors"]

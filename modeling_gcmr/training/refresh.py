@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .collator import GcmrDataCollator
-from .examples import TrainingExamplesConfig, build_training_examples
+from .examples import IMAGE_COLUMNS, TrainingExamplesConfig, build_training_examples
 
 
 def replay_sample(old_corpus: datasets.Dataset, tokenizer: Any, count: int, seed: int = 0) -> datasets.Dataset:
@@ -70,10 +70,11 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
     if scope not in ("new", "all"):
         raise ValueError(f"scope must be 'new' or 'all', got {scope!r}")
     model.check_tokenizer(tokenizer)
-    corpus = new_corpus
+    corpus = _read_columns(model, new_corpus)
     if old_corpus is not None and replay_ratio > 0:
-        replay = replay_sample(old_corpus, tokenizer, round(replay_ratio * len(new_corpus)), training_args.seed)
-        corpus = datasets.concatenate_datasets([new_corpus, replay.cast(new_corpus.features)])
+        replay = replay_sample(_read_columns(model, old_corpus), tokenizer, round(replay_ratio * len(new_corpus)),
+                               training_args.seed)
+        corpus = datasets.concatenate_datasets([corpus, replay.cast(corpus.features)])
     if freeze_text_encoder is not None:
         model.freeze_text_encoder(freeze_text_encoder)
     config = examples or TrainingExamplesConfig(seed=training_args.seed)
@@ -87,6 +88,15 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
         metrics = trainer.train().metrics
         model.eval()
     return metrics
+
+
+def _read_columns(model: Any, corpus: datasets.Dataset) -> datasets.Dataset:
+    """`corpus` without the image column the model does not read, where it has both (`load_corpus` of a folder whose
+    metadata holds features gives pixels and features; the collator would otherwise send pixels to a model that
+    reads features). run_gcmr.py makes the same choice from --image_input."""
+    if not set(IMAGE_COLUMNS) <= set(corpus.column_names):
+        return corpus
+    return corpus.remove_columns("image_embeds" if model.config.vision_config is not None else "image")
 
 
 @contextlib.contextmanager
