@@ -6,6 +6,7 @@ raises a clear error and changes nothing (state dict, table hash, signature, tri
 """
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -424,6 +425,15 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     # the freeze is undone (the text encoder stays frozen, as the refresh asked)
     assert model.query_projection.weight.requires_grad and head.step_query.weight.requires_grad
     assert model.text_encoder_is_frozen()
+    # the cyclic collector skipped the caller's objects during the refresh only, and leaves a caller's own freeze be
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        refresh_after_add(model, tokenizer, _corpus(NEW_KEYS[:4], CAPTIONS[NUM_OLD:NUM_OLD + 4], NEW[:4]), None, args)
+        assert frozen > 0 and gc.get_freeze_count() > 0  # not unfrozen (some frozen objects may have died)
+    finally:
+        gc.unfreeze()
 
 
 def test_a_frozen_encoders_cached_states_outlive_an_add_and_a_second_freeze(text_tokenizer):

@@ -20,6 +20,7 @@ model whatever the scope.
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Any, Iterator
 
 import datasets
@@ -85,9 +86,28 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset,
                           data_collator=GcmrDataCollator.from_config(model.config, tokenizer),
                           processing_class=tokenizer)
-        metrics = trainer.train().metrics
+        with _collections_skip_older_objects():
+            metrics = trainer.train().metrics
         model.eval()
     return metrics
+
+
+@contextlib.contextmanager
+def _collections_skip_older_objects() -> Iterator[None]:
+    """Python's cyclic collector ignores the objects alive on entry until exit (`gc.freeze`).
+
+    `Trainer.train` starts with a full `gc.collect()` (accelerate's `free_memory`), which walks every live object of
+    the process: 0.29 s of a 0.53 s refresh of 2 images on the demo's checkpoint, once per round. The objects alive
+    before the refresh are the caller's, not garbage of the refresh; they are collected as before after exit. Left
+    alone where the caller froze objects already, since exit would unfreeze them too."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _read_columns(model: Any, corpus: datasets.Dataset) -> datasets.Dataset:
