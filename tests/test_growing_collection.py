@@ -415,9 +415,14 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
     args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
                                  save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
+    # What the cyclic collector skips while the model trains: the objects alive before the refresh.
+    frozen_in_steps = []
+    hook = model.register_forward_pre_hook(lambda *_: frozen_in_steps.append(gc.get_freeze_count()))
     # Corpora with pixels as well as features (as load_corpus gives them): the features model reads its features.
     refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW, with_pixels=True),
                       _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD, with_pixels=True), args)  # scope="new" is the default
+    hook.remove()
+    assert frozen_in_steps and min(frozen_in_steps) > 0
     old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
     changed = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
     assert changed == ["identifier_head.edge_vectors"]
@@ -425,7 +430,7 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
     # the freeze is undone (the text encoder stays frozen, as the refresh asked)
     assert model.query_projection.weight.requires_grad and head.step_query.weight.requires_grad
     assert model.text_encoder_is_frozen()
-    # the cyclic collector skipped the caller's objects during the refresh only, and leaves a caller's own freeze be
+    # ... and only during the refresh; a caller's own freeze is left as it was
     assert gc.get_freeze_count() == 0
     gc.freeze()
     try:
