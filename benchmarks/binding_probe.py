@@ -28,18 +28,17 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser, T5Config, T5EncoderModel, get_cosine_schedule_with_warmup  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memorization import DOC_PATH, HEADER  # noqa: E402
+from memorization import CORPORA, DOC_PATH, HEADER, demo  # noqa: E402
 from report import git_revision, machine, markdown_table, write_section  # noqa: E402
 
-from modeling_gcmr.training.synthetic import make_synthetic_corpus  # noqa: E402
 from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer  # noqa: E402
 
 
 @dataclass
 class ProbeArguments:
     settings: str = field(default="4:0.1,4:0,8:0.1,8:0,16:0.1,16:0",
-                          metadata={"help": "Comma-separated heads:dropout pairs (the demo: 4:0.1)."})
-    epochs: int = field(default=60, metadata={"help": "Training epochs (the demo's: 60)."})
+                          metadata={"help": "Comma-separated heads:dropout pairs (the demo: 16:0, before: 4:0.1)."})
+    epochs: int = field(default=demo.SIZES["full"]["epochs"], metadata={"help": "Training epochs (the demo's)."})
     seed: int = field(default=0)
     write_doc: bool = field(default=True, metadata={"help": "Write the table into docs/memorization.md."})
 
@@ -56,10 +55,11 @@ def probe(captions: list[tuple[str, int]], num_images: int, heads: int, dropout:
     """Train the encoder + a linear classifier; returns per-caption correctness and the training seconds."""
     torch.manual_seed(seed)
     tokenizer = train_text_tokenizer([text for text, _ in captions])
-    # The sizes `examples/demo.py` gives run_gcmr.py (d_model 128, d_ff 256, 2 layers).
-    config = T5Config(vocab_size=len(tokenizer), d_model=128, d_ff=256, d_kv=128 // heads, num_layers=2,
+    # The sizes `examples/demo.py` gives run_gcmr.py (its d_ff is twice d_model).
+    width, layers = demo.SIZES["full"]["d_model"], demo.SIZES["full"]["num_layers"]
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=2 * width, d_kv=width // heads, num_layers=layers,
                       num_heads=heads, dropout_rate=dropout)
-    encoder, classifier = T5EncoderModel(config), torch.nn.Linear(128, num_images)
+    encoder, classifier = T5EncoderModel(config), torch.nn.Linear(width, num_images)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *classifier.parameters()], lr=3e-3, weight_decay=0.0)
     batches = len(captions) // 32
     schedule = get_cosine_schedule_with_warmup(optimizer, int(0.05 * epochs * batches), epochs * batches)
@@ -91,8 +91,9 @@ def probe(captions: list[tuple[str, int]], num_images: int, heads: int, dropout:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     (args,) = HfArgumentParser(ProbeArguments).parse_args_into_dataclasses(argv)
-    # memorization.py's shapes corpus: 300 images, the first 3 of 4 captions are the training captions.
-    corpus = make_synthetic_corpus(300, captions_per_image=4, seed=0)
+    # memorization.py's shapes corpus; the first 3 of its 4 captions per image are the training captions.
+    maker, count, _ = CORPORA["shapes"]
+    corpus = maker(count, captions_per_image=4, seed=0)
     captions = [(text, image) for image, texts in enumerate(corpus["captions"]) for text in texts[:3]]
     partners = swapped_partners(corpus["attributes"])
     partnered = np.array([image in partners for _, image in captions])
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for setting in args.settings.split(","):
         heads, dropout = setting.split(":")
         correct, seconds = probe(captions, len(corpus), int(heads), float(dropout), args.epochs, args.seed)
-        results.append({"heads": int(heads), "dropout": float(dropout), "seconds": seconds,
-                        "all": correct.mean(), "partnered": correct[partnered].mean(), "others": correct[~partnered].mean()})
+        results.append({"heads": int(heads), "dropout": float(dropout), "seconds": seconds, "all": float(correct.mean()),
+                        "partnered": float(correct[partnered].mean()), "others": float(correct[~partnered].mean())})
         print(results[-1], flush=True)
     table = markdown_table(
         ["heads", "dropout", "train s", f"accuracy, all {len(captions)} training captions",
