@@ -42,6 +42,7 @@ from modeling_gcmr.training.arguments import DataArguments, GcmrTrainingArgument
 from modeling_gcmr.training.backbones import load_text_backbone
 from modeling_gcmr.training.callbacks import (
     BeamNegativesCallback,
+    EncoderCachePrefillCallback,
     ProcessSeedCallback,
     RetrievalEvalCallback,
     TrainingClockCallback,
@@ -316,7 +317,9 @@ def _trainer(model, tokenizer, train_corpus, queries, gold, model_args, data_arg
         train_dataset = build_training_examples(train_corpus, tokenizer, example_config, query_token_limit=limit)
         eval_dataset = build_query_examples(queries, gold, tokenizer, limit) if queries else None
     logger.info("%d training examples (%s), %d held-out queries", len(train_dataset), data_args.schedule, len(queries))
-    callbacks = [TrainingClockCallback(data_args.max_train_minutes), ProcessSeedCallback()]
+    # The prefill after the clock: its encoding counts in the training minutes, as the first epoch's did.
+    callbacks = [TrainingClockCallback(data_args.max_train_minutes), EncoderCachePrefillCallback(),
+                 ProcessSeedCallback()]
     if queries and training_args.eval_strategy != "no":
         callbacks.append(RetrievalEvalCallback(queries, gold, tokenizer, num_beams=model_args.num_beams,
                                                batch_size=training_args.per_device_eval_batch_size))

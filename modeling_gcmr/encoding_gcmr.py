@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +109,11 @@ class FrozenEncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def bytes(self) -> int:
+        """Memory the cached states take."""
+        return self._bytes
+
     def clear(self) -> None:
         self._entries.clear()
         self._bytes = 0
@@ -188,15 +195,9 @@ def encode_text_cached(model: Any, input_ids, attention_mask, want_layers) -> Gc
     entries = [model.encoder_cache.get(key) for key in keys]
     missing = [row for row, entry in enumerate(entries) if entry is None or (want_layers and len(entry) < 3)]
     if missing:
-        width = max(lengths[row] for row in missing)
-        computed = run_text_encoder(model, input_ids[missing, :width], attention_mask[missing, :width], None,
-                                          want_layers, None, None, frozen=True)
-        for position, row in enumerate(missing):
-            entry = (computed.last_hidden_state[position, : lengths[row]].cpu(),
-                     computed.query_vectors[position].cpu())
-            if want_layers:
-                entry += (computed.layer_states[position, :, : lengths[row]].cpu(),)
-            model.encoder_cache.put(keys[row], entry)
+        computed = _encode_into_cache(model, input_ids[missing], [lengths[row] for row in missing],
+                                      [keys[row] for row in missing], want_layers)
+        for row, entry in zip(missing, computed):
             entries[row] = entry
     width, device = max(lengths), input_ids.device
     states = torch.zeros(len(keys), width, entries[0][0].shape[-1], device=device)
@@ -209,6 +210,66 @@ def encode_text_cached(model: Any, input_ids, attention_mask, want_layers) -> Gc
     pooled = torch.stack([entry[1] for entry in entries]).to(device)
     return GcmrEncoderOutput(last_hidden_state=states, attention_mask=mask, layer_states=layers,
                              query_vectors=pooled)
+
+
+def _encode_into_cache(model: Any, input_ids: torch.Tensor, lengths: list[int], keys: list[bytes],
+                       want_layers: bool) -> list[tuple[torch.Tensor, ...]]:
+    """Run the frozen encoder on right-padded rows (their true `lengths`) and cache each row's entry under its key."""
+    width = max(lengths)
+    mask = (torch.arange(width, device=input_ids.device)[None]
+            < torch.tensor(lengths, device=input_ids.device)[:, None]).long()
+    computed = run_text_encoder(model, input_ids[:, :width], mask, None, want_layers, None, None, frozen=True)
+    entries = []
+    for position, length in enumerate(lengths):
+        entry = (computed.last_hidden_state[position, :length].cpu(), computed.query_vectors[position].cpu())
+        if want_layers:
+            entry += (computed.layer_states[position, :, :length].cpu(),)
+        model.encoder_cache.put(keys[position], entry)
+        entries.append(entry)
+    return entries
+
+
+def prefill_encoder_cache(model: Any, token_rows: Iterable[Sequence[int]], batch_size: int = 64) -> int:
+    """Encode the distinct `token_rows` (unpadded query token ids) into a frozen encoder's cache before training.
+
+    Training meets its queries in shuffled batches, and a batch of captions is padded to its longest: encoding
+    them in batches of similar length does the same work on about half the padded positions (f30k-dev's 2,028
+    training captions through MiniLM on 2 CPU cores: 14.6 s in shuffled batches of 64, 6.7 s sorted by length).
+    Rows already cached are skipped, and filling stops where the cache would start evicting what it just filled.
+    Does nothing (returns 0) unless the text encoder is frozen and its states are cached in training. Returns the
+    number of rows encoded.
+    """
+    if model.config.images_through_encoder or not model.text_encoder_is_frozen():
+        return 0
+    want_layers = model.fusion is not None
+    cache = model.encoder_cache
+    distinct: dict[bytes, Sequence[int]] = {}
+    for row in token_rows:
+        key = np.asarray(row, dtype=np.int64).tobytes()
+        if not len(row) or key in distinct:
+            continue
+        entry = cache.get(key)
+        if entry is None or (want_layers and len(entry) < 3):
+            distinct[key] = row
+    if not distinct:
+        return 0
+    # What one token's states take in the cache, to stop before the cache would evict (an estimate: no encoding yet).
+    width = model.text_encoder().get_input_embeddings().embedding_dim
+    token_bytes = 4 * width * (1 + (model.encoder_depth() if want_layers else 0))
+    order = sorted(distinct, key=lambda key: len(distinct[key]))
+    device, encoded = model.device, 0
+    for start in range(0, len(order), batch_size):
+        keys = order[start: start + batch_size]
+        lengths = [len(distinct[key]) for key in keys]
+        if cache.bytes + token_bytes * sum(lengths) > cache.max_bytes:
+            break
+        input_ids = torch.zeros(len(keys), max(lengths), dtype=torch.long, device=device)
+        for position, key in enumerate(keys):
+            input_ids[position, : lengths[position]] = torch.as_tensor(distinct[key], dtype=torch.long)
+        with torch.no_grad():
+            _encode_into_cache(model, input_ids, lengths, keys, want_layers)
+        encoded += len(keys)
+    return encoded
 
 
 def encode_format1(model: Any, input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds,
@@ -390,5 +451,5 @@ def by_row(image_rows: torch.Tensor | None, image_part: torch.Tensor | None,
 __all__ = [
     "FrozenEncoderCache", "GcmrEncoderOutput", "GcmrImageProjector", "by_row", "check_pixel_values", "encode_format1",
     "as_encoder_output", "encode_inputs", "image_inputs",
-    "encode_text", "encode_text_cached", "identity_init_", "pool_text", "run_text_encoder",
+    "encode_text", "encode_text_cached", "identity_init_", "pool_text", "prefill_encoder_cache", "run_text_encoder",
 ]

@@ -322,3 +322,73 @@ def test_lora_keeps_every_token_matrix_trainable(backbone):
     assert frozen and all(
         not p.requires_grad for name, p in model.named_parameters() if name in frozen and "lora_" not in name
     )
+
+
+# ----------------------------------------------------------------------------- frozen encoder cache, filled up front
+
+
+def _count_encoder_rows(model) -> list[tuple[int, int]]:
+    """(rows, width) of every text-encoder call from now on."""
+    calls: list[tuple[int, int]] = []
+    model.text_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("fusion", [None, "coarse_to_fine"])
+def test_prefill_caches_what_training_would_encode(tiny_setup, fusion):
+    from modeling_gcmr.encoding_gcmr import prefill_encoder_cache
+
+    model = tiny_setup["make_model"](**({"fusion": fusion} if fusion else {}))
+    model.freeze_text_encoder(True)
+    rows = tiny_setup["train"]["input_ids"]
+    distinct = {tuple(row) for row in rows}
+    calls = _count_encoder_rows(model)
+    assert prefill_encoder_cache(model, rows, batch_size=4) == len(distinct) == len(model.encoder_cache)
+    widths = [width for _, width in calls]
+    assert widths == sorted(widths) and sum(count for count, _ in calls) == len(distinct)
+    assert prefill_encoder_cache(model, rows, batch_size=4) == 0  # everything is cached already
+
+    batch = GcmrDataCollator.from_config(model.config, tiny_setup["tokenizer"])(
+        [tiny_setup["train"][i] for i in range(len(tiny_setup["train"]))])
+    model.train()
+    del calls[:]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        from_prefill = model(**batch).loss
+        assert calls == []  # training found every query in the cache
+        model.encoder_cache.clear()
+        torch.manual_seed(0)
+        fresh = model(**batch).loss
+    torch.testing.assert_close(from_prefill, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_skips_a_training_encoder_and_stops_where_the_cache_would_evict(tiny_setup):
+    from modeling_gcmr.encoding_gcmr import prefill_encoder_cache
+
+    model = tiny_setup["make_model"]()
+    rows = tiny_setup["train"]["input_ids"]
+    assert prefill_encoder_cache(model, rows) == 0 and len(model.encoder_cache) == 0  # the encoder trains
+    model.freeze_text_encoder(True)
+    token_bytes = 4 * model.text_encoder().get_input_embeddings().embedding_dim
+    model.encoder_cache.max_bytes = token_bytes * 40  # a few short queries' states
+    encoded = prefill_encoder_cache(model, rows, batch_size=2)
+    assert 0 < encoded < len({tuple(row) for row in rows})
+    assert len(model.encoder_cache) == encoded and model.encoder_cache.bytes <= model.encoder_cache.max_bytes
+
+
+def test_prefill_callback_encodes_each_training_query_once_in_length_order(tiny_setup, tmp_path):
+    from modeling_gcmr.training.callbacks import EncoderCachePrefillCallback, TrainingClockCallback
+
+    model = tiny_setup["make_model"]()
+    model.freeze_text_encoder(True)
+    calls = _count_encoder_rows(model)
+    clock = TrainingClockCallback()
+    trainer = _trainer(tiny_setup, model, _args(tmp_path, max_steps=4, per_device_train_batch_size=4),
+                       [clock, EncoderCachePrefillCallback()])
+    trainer.train()
+    distinct = {tuple(row) for row in tiny_setup["train"]["input_ids"]}
+    widths = [width for _, width in calls]
+    assert sum(count for count, _ in calls) == len(distinct)  # none encoded again by the steps
+    assert widths == sorted(widths) and len(calls) == -(-len(distinct) // 4)
+    assert clock.seconds > 0

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from .callbacks import EncoderCachePrefillCallback
 from .collator import GcmrDataCollator
 from .examples import IMAGE_COLUMNS, TrainingExamplesConfig, build_training_examples
 
@@ -85,7 +86,7 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
         model.train()
         trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset,
                           data_collator=GcmrDataCollator.from_config(model.config, tokenizer),
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, callbacks=[EncoderCachePrefillCallback()])
         with _collections_skip_older_objects():
             metrics = trainer.train().metrics
         model.eval()
