@@ -20,9 +20,12 @@ before every step the process resets its peak (`/proc/self/clear_refs` 5) and re
     python benchmarks/scale.py                                           # 10k, 100k, 1M x coarse_fine/structured/atomic
     python benchmarks/scale.py --sizes 10000 --id_types coarse_fine      # a quick look
     python benchmarks/scale.py --report_only                             # table + plot from the kept results
+    python benchmarks/scale.py --device cuda --bf16 --sizes 10000,100000,1000000 --id_types coarse_fine
+                                                                         # on a GPU: its own section and plot
 
 Writes `benchmarks/results/scale/<id_type>_<size>.json`, the `scale` section of `docs/benchmarks.md` and
-`docs/scale.png`. Not in `make test`. Run it alone on the machine (`nice`): every figure is a wall-clock time.
+`docs/scale.png`. `make test` runs it once at 2,000 images (`tests/test_scale.py`) and measures nothing. Run it
+alone on the machine (`nice`): every figure is a wall-clock time.
 """
 from __future__ import annotations
 
@@ -50,12 +53,9 @@ from typing import Any, Iterator  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import REPO, git_revision, machine, markdown_table, write_section  # noqa: E402
+from report import REPO  # noqa: E402
+from scale_report import RESULTS, RESULTS_CUDA, report  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results" / "scale"
-DOC_PATH = REPO / "docs" / "benchmarks.md"
-PLOT_PATH = REPO / "docs" / "scale.png"
-FINDINGS = Path(__file__).with_name("scale_findings.md")  # what the runs showed: prose, kept out of the code
 DIM = 512
 CLUSTERS = 1000
 BATCH = 64
@@ -77,21 +77,34 @@ def _status(field: str) -> int:
 
 
 class Steps:
-    """Wall time and peak RSS of each step; the peak is reset before a step, so it is that step's own."""
+    """Wall time and peak RSS of each step (and peak GPU memory on CUDA); the peaks are reset before a step, so they
+    are that step's own. On CUDA a step ends when the device has finished its work."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.results: dict[str, Any] = {}
+        self.cuda = device.startswith("cuda")
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        import torch
+
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")  # resets VmHWM to the current RSS
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         yield
+        if self.cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         self.results[f"{name}_seconds"] = seconds
         self.results[f"{name}_peak_rss_gb"] = _status("VmHWM") / 1e9
-        print(f"  {name}: {seconds:.2f} s, peak RSS {_status('VmHWM') / 1e9:.2f} GB", flush=True)
+        gpu = ""
+        if self.cuda:
+            self.results[f"{name}_peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            gpu = f", peak GPU {self.results[f'{name}_peak_gpu_gb']:.2f} GB"
+        print(f"  {name}: {seconds:.2f} s, peak RSS {_status('VmHWM') / 1e9:.2f} GB{gpu}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -128,7 +141,8 @@ def tiny_model(tokenizer: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ the two halves
-def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float) -> dict:
+def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float, device: str = "cpu",
+               bf16: bool = False) -> dict:
     import torch
 
     from modeling_gcmr.publishing.checkpoint import save_retriever
@@ -137,7 +151,7 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     from tokenization_gcmr import ImageIdTokenizer, build_identifiers, train_text_tokenizer
 
     torch.manual_seed(0)
-    steps = Steps()
+    steps = Steps(device)
     matrix = features(size, seed=0)
     keys = [f"img{i}" for i in range(size)]
     steps.results["rss_with_features_gb"] = _status("VmRSS") / 1e9
@@ -164,14 +178,17 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     edges = model.identifier_head.edge_vectors
     copies = sum((2 if sparse and p is edges else 3) * p.numel() * p.element_size() for p in trained)
     needed = _status("VmRSS") + copies + (1 << 30)
-    if needed > rss_limit:
+    if needed > rss_limit and device == "cpu":
         steps.results["train_skipped"] = (f"AdamW over {sum(p.numel() for p in trained) / 1e6:.0f}M parameters "
                                           f"needs ~{needed / 1e9:.1f} GB (limit {rss_limit / 1e9:.1f} GB)")
         print(f"  train: skipped, {steps.results['train_skipped']}", flush=True)
         train_steps = 0
+    # As a GPU user's Trainer does: the fit on the CPU, then the model on the device (bf16: autocast, fp32 weights).
+    model.to(device)
     optimizer = LazyAdamW(trained, lr=1e-3)
     model.train()
-    with steps.step("train"):
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    with steps.step("train"), autocast:
         for step in range(train_steps):
             rows = order[step * BATCH: (step + 1) * BATCH]
             gold = labels[step * BATCH: (step + 1) * BATCH]
@@ -179,7 +196,8 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
             batch_labels = torch.full((len(gold), width), -100, dtype=torch.long)
             for i, row in enumerate(gold):
                 batch_labels[i, : len(row)] = torch.as_tensor(row)
-            loss = model(image_embeds=torch.from_numpy(matrix[rows.numpy()]), labels=batch_labels).loss
+            loss = model(image_embeds=torch.from_numpy(matrix[rows.numpy()]).to(device),
+                         labels=batch_labels.to(device)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -188,6 +206,7 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
         steps.results["train_examples_per_second"] = train_steps * BATCH / steps.results["train_seconds"]
     del optimizer, labels
     model.eval()
+    model.to("cpu")  # saved from host memory, as the CPU rows (not timed)
     shutil.rmtree(folder, ignore_errors=True)
     with steps.step("save"):
         save_retriever(model, tokenizer, folder)
@@ -198,15 +217,18 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     return steps.results
 
 
-def serve_half(id_type: str, size: int, folder: Path) -> dict:
+def serve_half(id_type: str, size: int, folder: Path, device: str = "cpu") -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    steps = Steps()
+    steps = Steps(device)
     steps.results["rss_start_gb"] = _status("VmRSS") / 1e9
     with steps.step("load"):
         model = AutoModel.from_pretrained(folder, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    if device != "cpu":
+        with steps.step("to_device"):
+            model.to(device)
     model.eval()
     queries = captions(QUERIES + BATCH, seed=2)
     with torch.inference_mode():
@@ -265,13 +287,17 @@ def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
     return process.returncode, "".join(lines), killed or "".join(errors)
 
 
-def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float) -> dict:
+def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float, device: str = "cpu",
+            bf16: bool = False, results_dir: Path | None = None) -> dict:
+    """Both halves of one (id_type, size) in their own processes; the result is also written to `results_dir`
+    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run)."""
     folder = work / f"{id_type}_{size}"
-    result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM,
+    result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM, "device": device, "bf16": bf16,
                               "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
-                   "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb)]
+                   "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb),
+                   "--device", device] + (["--bf16"] if bf16 else [])
         result[f"{half}_load_average_before"] = os.getloadavg()[0]
         print(f"{id_type} {size:,} {half} (load {os.getloadavg()[0]:.1f})", flush=True)
         code, out, error = _watch(command, rss_limit_gb * 1e9)
@@ -286,148 +312,15 @@ def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit
         result.update(json.loads(out.strip().splitlines()[-1]))
     result["load_average"] = os.getloadavg()[0]
     shutil.rmtree(folder, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{id_type}_{size}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if device != "cpu":
+        import torch
+
+        result["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
+    results_dir = results_dir or (RESULTS if device == "cpu" else RESULTS_CUDA)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{id_type}_{size}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
-
-def _gb(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else (f"{value:.1f}" if value >= 1 else f"{value:.2f}")
-
-
-def table(results: list[dict]) -> str:
-    header = ["id_type", "images", "build s", "fit s", "train ex/s", "save s", "load s", "checkpoint GB",
-              "retrieve ms/q", "add 10k s", "add ms/image (model)", "remove 10k s", "peak RSS GB (step)"]
-    rows = []
-    for r in results:
-        peaks = {name: r.get(f"{name}_peak_rss_gb") for name in ("build", "fit", "train", "save", "load", "retrieve",
-                                                                  "add", "remove")}
-        worst = max(((v, k) for k, v in peaks.items() if v is not None), default=(None, "-"))
-        train = "skipped (memory)" if r.get("train_skipped") else "-" if "train_examples_per_second" not in r else (
-            f"{r['train_examples_per_second']:.0f}" + ("" if r["train_full_epoch"] else f" ({r['train_steps']} steps)"))
-        rows.append([r["id_type"], f"{r['size']:,}", _seconds(r.get("build_seconds")), _seconds(r.get("fit_seconds")),
-                     train, _seconds(r.get("save_seconds")), _seconds(r.get("load_seconds")),
-                     _gb(r["checkpoint_bytes"] / 1e9 if "checkpoint_bytes" in r else None),
-                     _seconds(r.get("retrieve_ms_per_query")), _seconds(r.get("add_seconds")),
-                     _seconds(r.get("add_model_placement_ms_per_image")),
-                     _seconds(r.get("remove_seconds")), f"{_gb(worst[0])} ({worst[1]})"])
-        if r.get("note"):
-            rows[-1][1] += f" ({r['note']})"
-        if r.get("build_error") or r.get("serve_error"):
-            rows[-1][-1] += f"; stopped: {r.get('build_error') or r.get('serve_error')}"
-    return markdown_table(header, rows)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measures = [("build_seconds", "build s"), ("fit_seconds", "fit s"), ("save_seconds", "save s"),
-                ("load_seconds", "load s"), ("retrieve_ms_per_query", "retrieve ms/query"),
-                ("add_seconds", "add 10k s"), ("remove_seconds", "remove 10k s"), ("checkpoint_gb", "checkpoint GB")]
-    id_types = sorted({r["id_type"] for r in results})
-    figure, axes = plt.subplots(1, len(id_types), figsize=(5 * len(id_types), 4.2), squeeze=False)
-    for axis, id_type in zip(axes[0], id_types):
-        rows = sorted((r for r in results if r["id_type"] == id_type), key=lambda r: r["size"])
-        for key, label in measures:
-            points = [(r["size"], r["checkpoint_bytes"] / 1e9 if key == "checkpoint_gb" else r.get(key))
-                      for r in rows if (key != "checkpoint_gb" or "checkpoint_bytes" in r)]
-            points = [(x, y) for x, y in points if y]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label)
-        sizes = [r["size"] for r in rows]
-        if len(sizes) > 1:  # a linear-growth guide through the first build time
-            first = next((r.get("build_seconds") for r in rows if r.get("build_seconds")), None)
-            if first:
-                axis.plot(sizes, [first * s / sizes[0] for s in sizes], "k:", label="linear")
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel("images in the collection")
-        axis.set_title(id_type)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("cost")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    figure.tight_layout()
-    from modeling_gcmr.atomic_write_gcmr import atomic_save_to
-
-    atomic_save_to(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    plt.close(figure)
-
-
-def targets(results: list[dict]) -> str:
-    by = {(r["id_type"], r["size"]): r for r in results}
-    big, mid, small = by.get(("coarse_fine", 1_000_000)), by.get(("coarse_fine", 100_000)), by.get(("coarse_fine",
-                                                                                                     10_000))
-    rows = []
-
-    def add(name: str, figure: str, met: bool | None) -> None:
-        rows.append([name, figure, "-" if met is None else ("met" if met else "not met")])
-
-    if big:
-        def figure(key: str) -> float | None:
-            return big.get(key)
-
-        error = big.get("build_error") or big.get("serve_error")
-        if error:
-            add("1M coarse_fine run", error, False)
-        parts = [figure(f"{k}_seconds") for k in ("build", "fit", "save", "load")]
-        if None not in parts:
-            add("1M coarse_fine build + fit + save + load <= 10 min", f"{sum(parts) / 60:.1f} min", sum(parts) <= 600)
-        peaks = [v for k, v in big.items() if k.endswith("_peak_rss_gb")]
-        raw = big["size"] * DIM * 4 / 1e9
-        if peaks:
-            add("peak RSS at 1M <= 3x raw features", f"{max(peaks):.2f} GB = {max(peaks) / raw:.2f}x of {raw:.2f} GB"
-                + (" (before the run stopped)" if error else ""), max(peaks) <= 3 * raw and not error)
-        if "checkpoint_bytes" in big:
-            ratio = big["checkpoint_bytes"] / big["stored_feature_bytes"]
-            add("checkpoint at 1M <= 1.5x stored features", f"{big['checkpoint_bytes'] / 1e9:.2f} GB = {ratio:.2f}x",
-                ratio <= 1.5)
-        if small and "retrieve_ms_per_query" in big:
-            ratio = big["retrieve_ms_per_query"] / small["retrieve_ms_per_query"]
-            add("retrieve latency 1M / 10k <= 1.2x", f"{big['retrieve_ms_per_query']:.1f} / "
-                f"{small['retrieve_ms_per_query']:.1f} ms = {ratio:.2f}x", ratio <= 1.2)
-        if "add_seconds" in big:
-            add("add 10,000 to 1M <= 5 s", f"{big['add_seconds']:.1f} s", big["add_seconds"] <= 5)
-            add("remove 10,000 from 1M <= 1 s", f"{big['remove_seconds']:.2f} s", big["remove_seconds"] <= 1)
-        if mid:
-            for step in ("build", "fit", "save", "load"):
-                if f"{step}_seconds" in big and f"{step}_seconds" in mid:
-                    growth = big[f"{step}_seconds"] / mid[f"{step}_seconds"]
-                    add(f"{step} growth 100k -> 1M <= 12x", f"{growth:.1f}x", growth <= 12)
-    return markdown_table(["target (coarse_fine)", "measured", ""], rows) if rows else ""
-
-
-def report(command: str) -> None:
-    results = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(RESULTS.glob("*.json"))]
-    results.sort(key=lambda r: (r["id_type"], r["size"]))
-    if not results:
-        raise SystemExit(f"no results under {RESULTS}")
-    plot(results, PLOT_PATH)
-    loads = ", ".join(f"{r['id_type']} {r['size']:,}: {r.get('load_average', 0):.1f}" for r in results)
-    huge = ", ".join(f"{r['id_type']} {r['size']:,}" for r in results if r.get("huge_pages")) or "none"
-    text = "\n\n".join(part for part in [
-        "## Scale: the whole user path at 10k, 100k and 1M images",
-        f"```\n{command}\n```",
-        f"Machine: {machine()}; revision {git_revision()}. Load average (1 min) when each run ended: {loads}. "
-        f"Runs with PyTorch's huge-page allocation (`THP_MEM_ALLOC_ENABLE=1`, the script's default since issue 16's "
-        f"second pass; the others ran before it): {huge}.",
-        "Tiny model (T5 d_model 32, one layer) on 512-d seeded clustered features, so the figures are what grows "
-        "with the collection. Peak RSS is each step's own (reset before it); build..save run in one process, load.."
-        "remove in a fresh one. Train: memorize steps of batch 64 with AdamW (a full epoch, or the step count shown).",
-        table(results),
-        targets(results),
-        "![cost against collection size](scale.png)",
-        FINDINGS.read_text(encoding="utf-8").strip(),
-    ] if part)
-    write_section(DOC_PATH, "scale", text, "# Benchmarks\n")
-    print(table(results))
-    print(targets(results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -441,26 +334,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rss_limit_gb", type=float, default=11.0,
                         help="A worker past this RSS is killed (the machine is shared); training that would pass it "
                         "is skipped and said so.")
+    parser.add_argument("--device", default="cpu",
+                        help="Where the model trains and serves: cpu, or cuda (results in their own section).")
+    parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast (fp32 weights).")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--worker", choices=("build", "serve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device here")
+    elif args.device != "cpu":
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     sizes = [int(s) for s in args.sizes.split(",")]
     id_types = args.id_types.split(",")
     work = Path(args.work)
     if args.worker:
         folder = work / f"{id_types[0]}_{sizes[0]}"
         if args.worker == "build":
-            result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9)
+            result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9,
+                                args.device, args.bf16)
         else:
-            result = serve_half(id_types[0], sizes[0], folder)
+            result = serve_half(id_types[0], sizes[0], folder, args.device)
         print(json.dumps(result))
         return
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
         for size in sizes:
             for id_type in id_types:
-                run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb)
-    report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+                run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb, args.device, args.bf16)
+    report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]), args.device)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,43 @@ def test_images_added_under_one_identifier_take_the_free_uniqueness_tokens_in_or
         assert identifier == expected
         taken.add(identifier)
     assert len(set(new)) == len(new)
+
+
+def _scale_script():
+    import sys
+    from pathlib import Path
+
+    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import scale
+    import scale_report
+
+    return scale, scale_report
+
+
+def test_scale_script_runs_the_whole_path_in_two_processes(tmp_path):
+    """benchmarks/scale.py at 2,000 images, training under bf16 autocast (the CUDA run's setting, here on the CPU):
+    every step runs and reports, and its row renders. A smoke run: the figures are not judged."""
+    scale, scale_report = _scale_script()
+    result = scale.run_one("atomic", 2000, tmp_path / "work", 2, 8.0, bf16=True, results_dir=tmp_path / "results")
+    assert not [key for key in result if key.endswith("_error")], result
+    assert result["train_steps"] == 2 and result["bf16"] and result["device"] == "cpu"
+    assert result["checkpoint_bytes"] > result["stored_feature_bytes"]
+    assert result["retrieve_hits_per_query"] == 10 and result["added_found_by_own_feature_r1"] >= 0.9
+    for step in ("build", "fit", "train", "save", "load", "retrieve", "add", "remove"):
+        assert result[f"{step}_seconds"] >= 0 and result[f"{step}_peak_rss_gb"] > 0
+    assert (tmp_path / "results" / "atomic_2000.json").is_file() and not (tmp_path / "work" / "atomic_2000").exists()
+    table = scale_report.table([result])
+    assert "| atomic | 2,000 |" in table and "peak GPU" not in table
+    # A CUDA run's rows carry each step's peak GPU memory, and the table shows the largest.
+    on_gpu = {**result, "train_peak_gpu_gb": 1.5, "retrieve_peak_gpu_gb": 0.25}
+    assert "peak GPU GB (step)" in scale_report.table([on_gpu]) and "1.50 (train)" in scale_report.table([on_gpu])
+
+
+@pytest.mark.parametrize("device", ["tpu", *([] if torch.cuda.is_available() else ["cuda"])])
+def test_scale_script_refuses_a_device_it_cannot_use(device, capsys):
+    scale, _ = _scale_script()
+    with pytest.raises(SystemExit):
+        scale.main(["--device", device, "--sizes", "10", "--work", "/nonexistent"])
+    assert "--device" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""The model on a CUDA device (issue 16's GPU run): search, a bf16 training step, LazyAdamW and saving agree with the
+CPU. Skipped where torch sees no CUDA device (CI's machines); `benchmarks/device_check.sh` runs them on a lent GPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import synthetic_captions
+
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr.training.lazy_adamw import LazyAdamW
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+DIM, COUNT = 8, 40
+OPTIONS = {
+    "coarse_fine": dict(num_coarse=4, num_levels=2, codebook_size=4, fine_quantizer="residual_kmeans"),
+    "structured": dict(branching=3, leaf_size=4),
+    "atomic": {},
+}
+
+
+def _retriever(text_tokenizer, id_type: str) -> tuple[GcmrForRetrieval, ImageIdTokenizer, np.ndarray, list[str]]:
+    features = np.random.default_rng(0).normal(size=(COUNT, DIM)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    keys = [f"img{i}" for i in range(COUNT)]
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, id_type, embeddings=features, seed=0,
+                                                                   **OPTIONS[id_type]))
+    torch.manual_seed(0)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1), image_embed_dim=DIM))
+    model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=features)
+    model.store_image_features(features)
+    return model.eval(), tokenizer, features, synthetic_captions(COUNT, seed=3)
+
+
+def _hits(model, tokenizer, features, queries, **kwargs):
+    by_text = model.retrieve(queries, tokenizer, top_k=5, num_beams=5, show_progress=False, **kwargs)
+    by_image = model.retrieve(tokenizer=tokenizer, image_embeds=features, top_k=5, num_beams=5, show_progress=False,
+                              **kwargs)
+    return by_text + by_image
+
+
+@pytest.mark.parametrize("id_type", sorted(OPTIONS))
+@pytest.mark.parametrize("rerank", [None, "features", "hybrid"])
+def test_search_on_cuda_ranks_as_on_the_cpu(text_tokenizer, id_type, rerank):
+    model, tokenizer, features, queries = _retriever(text_tokenizer, id_type)
+    on_cpu = _hits(model, tokenizer, features, queries, rerank=rerank)
+    on_gpu = _hits(model.to("cuda"), tokenizer, features, queries, rerank=rerank)
+    assert [[key for key, _ in row] for row in on_gpu] == [[key for key, _ in row] for row in on_cpu]
+    np.testing.assert_allclose([score for row in on_gpu for _, score in row],
+                               [score for row in on_cpu for _, score in row], rtol=1e-3, atol=1e-3)
+
+
+def test_a_bf16_training_step_on_cuda_follows_the_fp32_one(text_tokenizer):
+    model, tokenizer, features, _ = _retriever(text_tokenizer, "coarse_fine")
+    labels = tokenizer.encode_identifiers(tokenizer.keys[:16])
+    width = max(len(row) for row in labels)
+    batch_labels = torch.full((16, width), -100, dtype=torch.long)
+    for row, ids in enumerate(labels):
+        batch_labels[row, : len(ids)] = torch.as_tensor(ids)
+    inputs = dict(image_embeds=torch.from_numpy(features[:16]), labels=batch_labels)
+    model.train()
+    torch.manual_seed(0)
+    reference = model(**inputs).loss
+    model.to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        loss = model(**{name: value.cuda() for name, value in inputs.items()}).loss
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) <= 0.05 * abs(reference.item()) + 0.05
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights in fp32
+
+
+def test_lazy_adamw_on_cuda_updates_the_rows_it_did_on_the_cpu():
+    def train(device: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        table = torch.nn.Parameter(torch.randn(12, 5, device=device))
+        optimizer = LazyAdamW([table], lr=0.05, weight_decay=0.1)
+        for step in range(5):
+            rows = torch.tensor([step, step + 3, 7], device=device)
+            (F.embedding(rows, table, sparse=True) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return table.detach().cpu()
+
+    torch.testing.assert_close(train("cuda"), train("cpu"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_retriever_saved_from_cuda_reloads_on_the_cpu(text_tokenizer, tmp_path):
+    from modeling_gcmr.publishing.checkpoint import save_retriever
+
+    model, tokenizer, features, queries = _retriever(text_tokenizer, "coarse_fine")
+    expected = _hits(model, tokenizer, features, queries)
+    save_retriever(model.to("cuda"), tokenizer, tmp_path / "retriever")
+    reloaded = GcmrForRetrieval.from_pretrained(tmp_path / "retriever").eval()
+    assert reloaded.device.type == "cpu"
+    got = _hits(reloaded, ImageIdTokenizer.from_pretrained(tmp_path / "retriever"), features, queries)
+    assert [[key for key, _ in row] for row in got] == [[key for key, _ in row] for row in expected]
