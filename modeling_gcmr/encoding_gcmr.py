@@ -235,9 +235,11 @@ def prefill_encoder_cache(model: Any, token_rows: Iterable[Sequence[int]], batch
     Training meets its queries in shuffled batches, and a batch of captions is padded to its longest: encoding
     them in batches of similar length does the same work on about half the padded positions (f30k-dev's 2,028
     training captions through MiniLM on 2 CPU cores: 14.6 s in shuffled batches of 64, 6.7 s sorted by length).
-    Rows already cached are skipped, and filling stops where the cache would start evicting what it just filled.
-    Does nothing (returns 0) unless the text encoder is frozen and its states are cached in training. Returns the
-    number of rows encoded.
+    Rows already cached are skipped. Nothing is encoded (returns 0) unless the text encoder is frozen and its states
+    are cached in training, or where the rows would not all fit in the cache: training would then evict what was
+    filled before meeting it (least recently used first), and the prefill would be wasted work. Under DDP every
+    process fills its own cache with every row (each meets all of them over the epochs). Returns the number of rows
+    encoded.
     """
     if model.config.images_through_encoder or not model.text_encoder_is_frozen():
         return 0
@@ -253,23 +255,23 @@ def prefill_encoder_cache(model: Any, token_rows: Iterable[Sequence[int]], batch
             distinct[key] = row
     if not distinct:
         return 0
-    # What one token's states take in the cache, to stop before the cache would evict (an estimate: no encoding yet).
+    # What the rows' states will take in the cache (an estimate before encoding: fp32 states per token, every layer's
+    # where fusion keeps them, and the pooled vector).
     width = model.text_encoder().get_input_embeddings().embedding_dim
     token_bytes = 4 * width * (1 + (model.encoder_depth() if want_layers else 0))
+    if cache.bytes + sum(token_bytes * len(row) + 4 * width for row in distinct.values()) > cache.max_bytes:
+        return 0
     order = sorted(distinct, key=lambda key: len(distinct[key]))
-    device, encoded = model.device, 0
+    device = model.device
     for start in range(0, len(order), batch_size):
         keys = order[start: start + batch_size]
         lengths = [len(distinct[key]) for key in keys]
-        if cache.bytes + token_bytes * sum(lengths) > cache.max_bytes:
-            break
         input_ids = torch.zeros(len(keys), max(lengths), dtype=torch.long, device=device)
         for position, key in enumerate(keys):
             input_ids[position, : lengths[position]] = torch.as_tensor(distinct[key], dtype=torch.long)
         with torch.no_grad():
             _encode_into_cache(model, input_ids, lengths, keys, want_layers)
-        encoded += len(keys)
-    return encoded
+    return len(order)
 
 
 def encode_format1(model: Any, input_ids, attention_mask, pixel_values, image_embeds, image_mask, inputs_embeds,

@@ -363,18 +363,21 @@ def test_prefill_caches_what_training_would_encode(tiny_setup, fusion):
     torch.testing.assert_close(from_prefill, fresh, rtol=1e-5, atol=1e-6)
 
 
-def test_prefill_skips_a_training_encoder_and_stops_where_the_cache_would_evict(tiny_setup):
+def test_prefill_skips_a_training_encoder_and_rows_the_cache_cannot_hold(tiny_setup):
     from modeling_gcmr.encoding_gcmr import prefill_encoder_cache
 
     model = tiny_setup["make_model"]()
     rows = tiny_setup["train"]["input_ids"]
     assert prefill_encoder_cache(model, rows) == 0 and len(model.encoder_cache) == 0  # the encoder trains
     model.freeze_text_encoder(True)
-    token_bytes = 4 * model.text_encoder().get_input_embeddings().embedding_dim
-    model.encoder_cache.max_bytes = token_bytes * 40  # a few short queries' states
-    encoded = prefill_encoder_cache(model, rows, batch_size=2)
-    assert 0 < encoded < len({tuple(row) for row in rows})
-    assert len(model.encoder_cache) == encoded and model.encoder_cache.bytes <= model.encoder_cache.max_bytes
+    # Room for some of the rows only: training would evict the first ones filled before meeting them.
+    model.encoder_cache.max_bytes = 4 * model.text_encoder().get_input_embeddings().embedding_dim * 40
+    assert prefill_encoder_cache(model, rows, batch_size=2) == 0 and len(model.encoder_cache) == 0
+    # Room for all of them: all are filled, and the estimate was not below what they take.
+    model.encoder_cache.max_bytes = 2 << 30
+    assert prefill_encoder_cache(model, rows, batch_size=2) == len({tuple(row) for row in rows})
+    width = model.text_encoder().get_input_embeddings().embedding_dim
+    assert model.encoder_cache.bytes <= sum(4 * width * (len(row) + 1) for row in {tuple(row) for row in rows})
 
 
 def test_prefill_callback_encodes_each_training_query_once_in_length_order(tiny_setup, tmp_path):

@@ -214,7 +214,7 @@ class EncoderCachePrefillCallback(TrainerCallback):
 
     It runs inside the first step, so its time counts in `train_runtime` and, placed after `TrainingClockCallback`,
     in the clock's training minutes, as the first epoch's encoding did. It reads the `input_ids` column of the
-    Trainer's training set and does nothing where the encoder trains.
+    Trainer's training set and does nothing where the encoder trains or the cache cannot hold every query.
     """
 
     def __init__(self):
