@@ -142,7 +142,7 @@ def tiny_model(tokenizer: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the two halves
 def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float, device: str = "cpu",
-               bf16: bool = False) -> dict:
+               bf16: bool = False, save_dtype: str = "float32") -> dict:
     import torch
 
     from modeling_gcmr.publishing.checkpoint import save_retriever
@@ -207,6 +207,8 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     del optimizer, labels
     model.eval()
     model.to("cpu")  # saved from host memory, as the CPU rows (not timed)
+    if save_dtype != "float32":  # the serving checkpoint in half precision (docs/user_guide.md); trained in fp32
+        model.to(getattr(torch, save_dtype))
     shutil.rmtree(folder, ignore_errors=True)
     with steps.step("save"):
         save_retriever(model, tokenizer, folder)
@@ -288,16 +290,18 @@ def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
 
 
 def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float, device: str = "cpu",
-            bf16: bool = False, results_dir: Path | None = None) -> dict:
+            bf16: bool = False, results_dir: Path | None = None, save_dtype: str = "float32") -> dict:
     """Both halves of one (id_type, size) in their own processes; the result is also written to `results_dir`
-    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run)."""
+    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run), named for the checkpoint's dtype where it is not float32."""
     folder = work / f"{id_type}_{size}"
     result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM, "device": device, "bf16": bf16,
-                              "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
+                              "save_dtype": save_dtype, "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
+    if save_dtype != "float32":
+        result["note"] = f"{save_dtype} checkpoint"
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
                    "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb),
-                   "--device", device] + (["--bf16"] if bf16 else [])
+                   "--device", device, "--save_dtype", save_dtype] + (["--bf16"] if bf16 else [])
         result[f"{half}_load_average_before"] = os.getloadavg()[0]
         print(f"{id_type} {size:,} {half} (load {os.getloadavg()[0]:.1f})", flush=True)
         code, out, error = _watch(command, rss_limit_gb * 1e9)
@@ -318,7 +322,8 @@ def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit
         result["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
     results_dir = results_dir or (RESULTS if device == "cpu" else RESULTS_CUDA)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{id_type}_{size}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    suffix = "" if save_dtype == "float32" else f"_{save_dtype}"
+    (results_dir / f"{id_type}_{size}{suffix}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
 
@@ -337,6 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu",
                         help="Where the model trains and serves: cpu, or cuda (results in their own section).")
     parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast (fp32 weights).")
+    parser.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="Cast the trained model to this dtype before saving: the serving half loads, searches, "
+                        "adds and removes in it.")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--worker", choices=("build", "serve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -354,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / f"{id_types[0]}_{sizes[0]}"
         if args.worker == "build":
             result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9,
-                                args.device, args.bf16)
+                                args.device, args.bf16, args.save_dtype)
         else:
             result = serve_half(id_types[0], sizes[0], folder, args.device)
         print(json.dumps(result))
@@ -363,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for size in sizes:
             for id_type in id_types:
-                run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb, args.device, args.bf16)
+                run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb, args.device, args.bf16,
+                        save_dtype=args.save_dtype)
     report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]), args.device)
 
 

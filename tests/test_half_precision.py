@@ -1,0 +1,95 @@
+"""Half precision for serving (issue 16): a retriever cast to bfloat16 saves at about half the size, reloads in
+bfloat16 without being asked, ranks as the float32 one does within rounding, and grows and shrinks like it.
+
+Training stays in float32 (bf16 autocast on a GPU: `benchmarks/scale.py --bf16`); this is the checkpoint a user
+serves. Measured at 1M images in docs/benchmarks.md."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr.publishing.checkpoint import save_retriever
+from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+DIM, COUNT = 16, 120
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+FEATURES = _unit(np.random.default_rng(0).normal(size=(COUNT, DIM)))
+KEYS = [f"img{i}" for i in range(COUNT)]
+
+
+@pytest.fixture
+def saved(text_tokenizer, tmp_path):
+    """A float32 retriever (coarse_fine, stored features) saved as it is and cast to bfloat16."""
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(
+        KEYS, "coarse_fine", embeddings=FEATURES, seed=0, num_coarse=6, num_levels=2, codebook_size=4))
+    torch.manual_seed(0)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1), image_embed_dim=DIM))
+    model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=FEATURES)
+    model.store_image_features(FEATURES)
+    save_retriever(model.eval(), tokenizer, tmp_path / "fp32")
+    save_retriever(model.to(torch.bfloat16), tokenizer, tmp_path / "bf16")
+    return tmp_path / "fp32", tmp_path / "bf16"
+
+
+def _load(folder):
+    return GcmrForRetrieval.from_pretrained(folder).eval(), ImageIdTokenizer.from_pretrained(folder)
+
+
+def _tensors(folder) -> dict[str, str]:
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        return {name: str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+
+
+def test_a_bf16_checkpoint_is_half_the_size_and_reloads_in_bf16(saved):
+    fp32, bf16 = saved
+    floats = {name: dtype for name, dtype in _tensors(bf16).items() if dtype not in ("I32", "I64", "BOOL")}
+    assert floats and set(floats.values()) == {"BF16"}
+    assert {name for name, dtype in _tensors(fp32).items() if dtype == "F32"} == set(floats)
+    # The same names; int32 trie paths are left as they are.
+    assert (bf16 / "model.safetensors").stat().st_size < 0.6 * (fp32 / "model.safetensors").stat().st_size
+    model, _ = _load(bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.image_features.dtype == torch.bfloat16 == model.identifier_head.edge_vectors.dtype
+    assert model.identifier_head.paths.dtype == torch.int32
+
+
+@pytest.mark.parametrize("rerank", [None, "features", "hybrid"])
+def test_bf16_search_ranks_as_fp32_within_rounding(saved, rerank):
+    fp32, bf16 = (_load(folder) for folder in saved)
+    noise = np.random.default_rng(1).normal(size=FEATURES.shape).astype(np.float32)
+    queries = _unit(FEATURES + 0.15 * noise)
+    want, got = (model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=5, num_beams=5, rerank=rerank,
+                                show_progress=False) for model, tokenizer in (fp32, bf16))
+    top1 = [(w[0][0], g[0][0]) for w, g in zip(want, got)]
+    assert np.mean([a == b for a, b in top1]) >= 0.95
+    for w, g in zip(want, got):  # where they differ, bf16's pick is within rounding of fp32's best
+        assert g[0][0] in [key for key, _ in w]
+        assert abs(g[0][1] - w[0][1]) <= 0.02 * abs(w[0][1]) + 0.02
+
+
+def test_a_bf16_retriever_grows_shrinks_and_saves_in_bf16(saved, tmp_path):
+    model, tokenizer = _load(saved[1])
+    new = _unit(np.random.default_rng(2).normal(size=(8, DIM)))
+    new_keys = [f"new{i}" for i in range(8)]
+    model.add_images(new_keys, tokenizer, image_embeds=new)
+    assert model.identifier_head.edge_vectors.dtype == torch.bfloat16 == model.image_features.dtype
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=new, top_k=1, num_beams=5, show_progress=False)
+    assert [row[0][0] for row in hits] == new_keys
+    model.remove_images(KEYS[:4], tokenizer)
+    hits = model.retrieve(tokenizer=tokenizer, image_embeds=FEATURES[:4], top_k=5, num_beams=5, show_progress=False)
+    assert not {key for row in hits for key, _ in row} & set(KEYS[:4])
+    save_retriever(model, tokenizer, tmp_path / "edited")
+    again, again_tokenizer = _load(tmp_path / "edited")
+    assert again.identifier_head.edge_vectors.dtype == torch.bfloat16
+    hits = again.retrieve(tokenizer=again_tokenizer, image_embeds=new, top_k=1, num_beams=5, show_progress=False)
+    assert [row[0][0] for row in hits] == new_keys
