@@ -93,3 +93,36 @@ def test_a_bf16_retriever_grows_shrinks_and_saves_in_bf16(saved, tmp_path):
     assert again.identifier_head.edge_vectors.dtype == torch.bfloat16
     hits = again.retrieve(tokenizer=again_tokenizer, image_embeds=new, top_k=1, num_beams=5, show_progress=False)
     assert [row[0][0] for row in hits] == new_keys
+
+
+@pytest.mark.parametrize("cast_at_load", [False, True])
+def test_remote_code_loads_bf16_and_ranks_as_in_process(saved, cast_at_load):
+    """Through the Hub's custom-code path, in a process without this package: the bf16 folder as saved, or the fp32
+    folder cast at load (`dtype=torch.bfloat16`), searches in bf16 as the in-process bf16 model does."""
+    import json
+
+    from subprocess_utils import run_without_package
+
+    folder = saved[0] if cast_at_load else saved[1]
+    model, tokenizer = _load(saved[1])
+    expected = model.retrieve(tokenizer=tokenizer, image_embeds=FEATURES[:10], top_k=3, num_beams=5,
+                              show_progress=False)
+    dtype = ", dtype=torch.bfloat16" if cast_at_load else ""
+    remote = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoTokenizer
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True{dtype}).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        hits = model.retrieve(tokenizer=tokenizer, image_embeds=torch.tensor({FEATURES[:10].tolist()!r}), top_k=3,
+                              num_beams=5, show_progress=False)
+        print(json.dumps({{"hits": hits, "dtype": str(model.identifier_head.edge_vectors.dtype),
+                          "module": type(model).__module__}}))
+        """,
+        cwd=str(folder),
+    )
+    assert remote["module"].startswith("transformers_modules") and remote["dtype"] == "torch.bfloat16"
+    expected = json.loads(json.dumps(expected))
+    assert [[key for key, _ in row] for row in remote["hits"]] == [[key for key, _ in row] for row in expected]
+    np.testing.assert_allclose([s for row in remote["hits"] for _, s in row], [s for row in expected for _, s in row],
+                               rtol=2e-2, atol=2e-2)
