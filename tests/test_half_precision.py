@@ -126,3 +126,25 @@ def test_remote_code_loads_bf16_and_ranks_as_in_process(saved, cast_at_load):
     assert [[key for key, _ in row] for row in remote["hits"]] == [[key for key, _ in row] for row in expected]
     np.testing.assert_allclose([s for row in remote["hits"] for _, s in row], [s for row in expected for _, s in row],
                                rtol=2e-2, atol=2e-2)
+
+
+def test_refresh_refuses_a_half_precision_model_and_changes_nothing(saved, text_tokenizer, tmp_path):
+    import datasets
+
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add
+
+    model, tokenizer = _load(saved[1])
+    new = _unit(np.random.default_rng(3).normal(size=(4, DIM)))
+    new_keys = [f"new{i}" for i in range(4)]
+    model.add_images(new_keys, tokenizer, image_embeds=new)
+    corpus = datasets.Dataset.from_dict({"image_key": new_keys, "captions": [["a red circle"]] * 4,
+                                         "image_embeds": new.tolist()})
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-3, dataloader_pin_memory=False)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"trains in float32, but this model holds torch.bfloat16 weights"):
+        refresh_after_add(model, tokenizer, corpus, None, args)
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    model.float()  # the advice in the message: refresh in float32
+    assert refresh_after_add(model, tokenizer, corpus, None, args)["train_loss"] > 0

@@ -72,6 +72,11 @@ def refresh_after_add(model: Any, tokenizer: Any, new_corpus: datasets.Dataset, 
     if scope not in ("new", "all"):
         raise ValueError(f"scope must be 'new' or 'all', got {scope!r}")
     model.check_tokenizer(tokenizer)
+    half = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if half:
+        raise ValueError(f"refresh_after_add trains in float32, but this model holds {', '.join(half)} weights (a "
+                         "half-precision serving copy): its AdamW steps would round away most of their updates. "
+                         "Refresh the float32 model (or model.float()), then cast it again for serving")
     corpus = _read_columns(model, new_corpus)
     if old_corpus is not None and replay_ratio > 0:
         replay = replay_sample(_read_columns(model, old_corpus), tokenizer, round(replay_ratio * len(new_corpus)),
