@@ -51,8 +51,8 @@ from modeling_gcmr.training.collator import GcmrDataCollator
 from modeling_gcmr.training.data import split_captions
 from modeling_gcmr.training.examples import TrainingExamplesConfig, build_query_examples, build_training_examples
 from modeling_gcmr.training.lora import apply_lora, merge_lora
-from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, part_learning_rates
 from modeling_gcmr.training.model_setup import ScratchT5, VisionTower, build_retriever, typical_image_size
+from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, part_learning_rates
 from tokenization_gcmr import ImageIdTokenizer, build_identifiers
 from tokenization_gcmr.builders.text_vocabulary import train_text_tokenizer
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-
 from transformers import TrainerCallback, set_seed
 from transformers.utils import logging
 
