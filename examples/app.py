@@ -81,6 +81,9 @@ class AppArguments:
                               metadata={"help": "Text given with image queries (run_gcmr's --memorize_prompt)."})
     allow_paths_outside_images: bool = field(
         default=False, metadata={"help": "Show image files that metadata or symlinks place outside --images."})
+    dtype: str | None = field(default=None, metadata={
+        "help": "Serve the model in this dtype: float32, bfloat16 (half the memory, the same ranking within rounding: "
+                "docs/user_guide.md) or float16 (default: the dtype the checkpoint was saved in)."})
 
 
 @dataclass(frozen=True)
@@ -380,13 +383,24 @@ def server_name(host: str | None) -> str:
     return "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
 
 
+SERVING_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_retriever(folder: str, dtype: str | None = None) -> tuple:
+    """The model (in `dtype`, default the checkpoint's own) and tokenizer of a checkpoint, as a Hub user loads them."""
+    if dtype is not None and dtype not in SERVING_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(SERVING_DTYPES)}, got {dtype!r}")
+    options = {} if dtype is None else {"dtype": getattr(torch, dtype)}
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **options)
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(argv)
     started = time.perf_counter()
     try:
-        model = AutoModel.from_pretrained(args.retriever, trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(args.retriever, trust_remote_code=True)
+        model, tokenizer = load_retriever(args.retriever, args.dtype)
         collection = index_images(args.images, list(live_keys(tokenizer)), args.allow_paths_outside_images)
     except (OSError, ValueError) as error:
         sys.exit(f"cannot start the search page: {error}")
@@ -398,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                        "%s", len(collection.outside), collection.folder, "; ".join(collection.outside))
     searcher = Searcher(model, tokenizer, collection, args.max_top_k, args.max_query_chars, args.num_beams,
                         args.image_prompt)
-    logger.info("loaded %s (%d images, %d with a file) in %.1f s; image-to-image search: %s", args.retriever,
-                len(searcher.live_keys), len(collection.paths), time.perf_counter() - started,
+    logger.info("loaded %s (%d images, %d with a file, %s) in %.1f s; image-to-image search: %s", args.retriever,
+                len(searcher.live_keys), len(collection.paths), model.dtype, time.perf_counter() - started,
                 "yes" if searcher.searches_images else "no")
     # Gradio 6's default theme ships its fonts; ssr_mode=False needs no Node server.
     build_page(searcher).launch(server_name=server_name(args.host), server_port=args.port, share=False,

@@ -349,3 +349,18 @@ def test_removed_images_are_not_offered_and_top_k_counts_the_live_ones(app, text
         searcher.collection_image(removed[0], 3)
     hits = searcher.collection_image(live[0], 5)
     assert len(hits) == 5 and not {key for key, _ in hits} & set(removed)
+
+
+def test_the_app_serves_in_bfloat16_when_asked_and_ranks_as_float32(app, collection, reference):
+    checkpoint, images = collection
+    model, tokenizer = app.load_retriever(str(checkpoint), "bfloat16")
+    assert model.dtype == torch.bfloat16 and reference[0].dtype == torch.float32
+    searcher = app.Searcher(model.eval(), tokenizer, app.index_images(images, tokenizer.keys))
+    html, rows, status = app.respond(searcher, searcher.text, QUERIES[0], 3)
+    assert status.startswith("3 results")
+    # rounding may swap two near-equal scores; the keys are the float32 top 5's and the scores agree to rounding
+    expected = dict(expected_text(reference, QUERIES[0], 5))
+    assert {row[1] for row in rows} <= set(expected)
+    assert [row[2] for row in rows] == pytest.approx([expected[row[1]] for row in rows], abs=2e-2, rel=2e-2)
+    with pytest.raises(ValueError, match="--dtype must be one of float32, bfloat16, float16, got 'half'"):
+        app.load_retriever(str(checkpoint), "half")
