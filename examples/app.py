@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
                        "%s", len(collection.outside), collection.folder, "; ".join(collection.outside))
     searcher = Searcher(model, tokenizer, collection, args.max_top_k, args.max_query_chars, args.num_beams,
                         args.image_prompt)
-    logger.info("loaded %s (%d images, %d with a file, %s) in %.1f s; image-to-image search: %s", args.retriever,
-                len(searcher.live_keys), len(collection.paths), model.dtype, time.perf_counter() - started,
+    logger.info("loaded %s (%d images, %d with a file) in %.1f s, in %s; image-to-image search: %s", args.retriever,
+                len(searcher.live_keys), len(collection.paths), time.perf_counter() - started, model.dtype,
                 "yes" if searcher.searches_images else "no")
     # Gradio 6's default theme ships its fonts; ssr_mode=False needs no Node server.
     build_page(searcher).launch(server_name=server_name(args.host), server_port=args.port, share=False,
