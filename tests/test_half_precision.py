@@ -148,3 +148,18 @@ def test_refresh_refuses_a_half_precision_model_and_changes_nothing(saved, text_
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     model.float()  # the advice in the message: refresh in float32
     assert refresh_after_add(model, tokenizer, corpus, None, args)["train_loss"] > 0
+
+
+def test_the_pipeline_loads_a_folder_in_bf16_and_answers_as_the_model(saved):
+    from transformers import pipeline
+
+    from modeling_gcmr.pipeline_gcmr import PIPELINE_TASK
+
+    pipe = pipeline(PIPELINE_TASK, model=str(saved[0]), trust_remote_code=True, device="cpu", dtype=torch.bfloat16)
+    assert pipe.model.dtype == torch.bfloat16
+    model, tokenizer = _load(saved[1])
+    query = "a red circle to the left of a blue square"
+    expected = model.retrieve([query], tokenizer, top_k=3, num_beams=5, show_progress=False)[0]
+    results = pipe(query, top_k=3, num_beams=5)
+    assert [r["image_key"] for r in results] == [key for key, _ in expected]
+    assert [r["score"] for r in results] == pytest.approx([score for _, score in expected], abs=1e-3)
