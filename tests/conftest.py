@@ -64,3 +64,23 @@ def make_id_tokenizer(text_tokenizer):
         return ImageIdTokenizer(tokenizer if tokenizer is not None else text_tokenizer, table)
 
     return make
+
+
+def dense_start_retriever(text_tokenizer, keys: list[str], features, id_type: str, **options):
+    """A tiny T5 retriever over `features` (N, D): `id_type` identifiers built from them (`options` to the builder),
+    the dense-aware start, and the features stored for re-ranking. Returns (model in eval mode, tokenizer)."""
+    import torch
+
+    from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+    from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+
+    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, id_type, embeddings=features, seed=0,
+                                                                   **options))
+    torch.manual_seed(0)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1), image_embed_dim=features.shape[1]))
+    model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=features)
+    model.store_image_features(features)
+    return model.eval(), tokenizer
+

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import synthetic_captions
+from conftest import dense_start_retriever, synthetic_captions
 
-from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr import GcmrForRetrieval
 from modeling_gcmr.training.lazy_adamw import LazyAdamW
-from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+from tokenization_gcmr import ImageIdTokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -25,16 +25,9 @@ OPTIONS = {
 def _retriever(text_tokenizer, id_type: str) -> tuple[GcmrForRetrieval, ImageIdTokenizer, np.ndarray, list[str]]:
     features = np.random.default_rng(0).normal(size=(COUNT, DIM)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
-    keys = [f"img{i}" for i in range(COUNT)]
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(keys, id_type, embeddings=features, seed=0,
-                                                                   **OPTIONS[id_type]))
-    torch.manual_seed(0)
-    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
-        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
-        num_layers=1), image_embed_dim=DIM))
-    model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=features)
-    model.store_image_features(features)
-    return model.eval(), tokenizer, features, synthetic_captions(COUNT, seed=3)
+    model, tokenizer = dense_start_retriever(text_tokenizer, [f"img{i}" for i in range(COUNT)], features, id_type,
+                                             **OPTIONS[id_type])
+    return model, tokenizer, features, synthetic_captions(COUNT, seed=3)
 
 
 def _hits(model, tokenizer, features, queries, **kwargs):

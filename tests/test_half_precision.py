@@ -8,11 +8,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import dense_start_retriever
 from safetensors import safe_open
 
-from modeling_gcmr import GcmrConfig, GcmrForRetrieval
+from modeling_gcmr import GcmrForRetrieval
 from modeling_gcmr.publishing.checkpoint import save_retriever
-from tokenization_gcmr import ImageIdTokenizer, build_identifiers
+from tokenization_gcmr import ImageIdTokenizer
 
 DIM, COUNT = 16, 120
 
@@ -28,15 +29,9 @@ KEYS = [f"img{i}" for i in range(COUNT)]
 @pytest.fixture
 def saved(text_tokenizer, tmp_path):
     """A float32 retriever (coarse_fine, stored features) saved as it is and cast to bfloat16."""
-    tokenizer = ImageIdTokenizer(text_tokenizer, build_identifiers(
-        KEYS, "coarse_fine", embeddings=FEATURES, seed=0, num_coarse=6, num_levels=2, codebook_size=4))
-    torch.manual_seed(0)
-    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
-        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
-        num_layers=1), image_embed_dim=DIM))
-    model.set_identifier_vocabulary(tokenizer, init="dense", image_embeds=FEATURES)
-    model.store_image_features(FEATURES)
-    save_retriever(model.eval(), tokenizer, tmp_path / "fp32")
+    model, tokenizer = dense_start_retriever(text_tokenizer, KEYS, FEATURES, "coarse_fine", num_coarse=6,
+                                             num_levels=2, codebook_size=4)
+    save_retriever(model, tokenizer, tmp_path / "fp32")
     save_retriever(model.to(torch.bfloat16), tokenizer, tmp_path / "bf16")
     return tmp_path / "fp32", tmp_path / "bf16"
 
