@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .identifier_head_gcmr import SHARED_EOS_ROW, share_forced_eos_rows
 from .query_inputs_gcmr import check_finite_rows
 
 # Identifiers sampled to fit the feature -> trained path-sum map, and its pull towards the identity (per row).
@@ -67,7 +68,8 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
                                  neighbors)
     grown = None
     if head is not None:
-        grown = _grown_head(head, edit, features @ _trained_map(model, tokenizer.identifier_table.live_mask()))
+        grown = _grown_head(head, edit, features @ _trained_map(model, tokenizer.identifier_table.live_mask()),
+                            model.config.shared_eos_vector)
     stored = None
     if grown is not None and model.config.stores_image_features:
         stored = torch.cat([model.image_features, features.to(model.image_features)])
@@ -184,13 +186,15 @@ def _trained_map(model: Any, live: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _grown_head(head: Any, edit: Any, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
+def _grown_head(head: Any, edit: Any, features: torch.Tensor, shared_eos: bool) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The head's paths, token rows and edge vectors after the edit (module docstring), without changing it, and
     the vector row of each edge of the edit's trie (`IdentifierHead.edge_rows`).
 
     Old edges keep their vector rows and the new edges' rows follow them, so the grown table is the old one with rows
-    appended (one contiguous copy), however the rebuilt trie numbers its edges."""
+    appended (one contiguous copy), however the rebuilt trie numbers its edges. With `shared_eos` a new forced EOS
+    edge takes the shared row instead of a row of its own (an old EOS edge keeps its row, even where a new
+    identifier now extends it)."""
     old_paths = head.paths.long().cpu()
     trie_paths = torch.as_tensor(edit.trie.paths(edit.token_rows))
     old_count, old_width = old_paths.shape
@@ -198,6 +202,9 @@ def _grown_head(head: Any, edit: Any, features: torch.Tensor) -> tuple[torch.Ten
     rows = torch.full((edit.trie.num_edges,), -1, dtype=torch.long)
     valid = old_paths >= 0
     rows[trie_paths[:old_count, :old_width][valid]] = old_paths[valid]
+    if shared_eos:
+        _, shared_rows = share_forced_eos_rows(trie_paths, edit.trie.num_edges)
+        rows[(rows < 0) & (shared_rows == SHARED_EOS_ROW)] = SHARED_EOS_ROW
     fresh = torch.nonzero(rows < 0).squeeze(-1)
     rows[fresh] = old_rows + torch.arange(len(fresh))
     paths = torch.full(trie_paths.shape, -1, dtype=torch.long)

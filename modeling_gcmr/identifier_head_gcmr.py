@@ -44,6 +44,8 @@ from torch import nn
 FULL_SOFTMAX_LIMIT = 32_768
 # Rows per chunk when edge vectors start from features (bounds the scratch memory at any collection size).
 INIT_CHUNK = 16_384
+# The vector row that every forced EOS edge scores with when the config has `shared_eos_vector`.
+SHARED_EOS_ROW = 0
 
 
 class IdentifierHead(nn.Module):
@@ -171,13 +173,20 @@ class IdentifierHead(nn.Module):
             return cached[1]
         trie_paths = torch.as_tensor(trie.paths(self.token_rows.cpu().numpy()))
         paths = self.paths.long().cpu()
-        if trie_paths.shape != paths.shape or not torch.equal(trie_paths >= 0, paths >= 0) \
-                or trie.num_edges != len(self.edge_vectors):
+        valid = paths >= 0
+        matches = trie_paths.shape == paths.shape and torch.equal(trie_paths >= 0, valid)
+        if matches:
+            rows = torch.full((trie.num_edges,), -1, dtype=torch.long)
+            rows[trie_paths[valid]] = paths[valid]
+            # One row per trie edge: a trie whose edges the model's paths would score with two different rows
+            # spells other identifiers. (Counting edges against rows proves nothing: with `shared_eos_vector` every
+            # forced EOS edge scores with one row.)
+            matches = bool(torch.equal(rows[trie_paths[valid]], paths[valid])) and (
+                len(rows) == 0 or int(rows.max()) < len(self.edge_vectors))
+        if not matches:
             raise ValueError(f"the trie ({trie.num_edges} edges) does not spell this model's {self.num_identifiers} "
                              f"identifiers ({len(self.edge_vectors)} edge vectors): use the tokenizer saved with the "
                              "model")
-        rows = torch.full((trie.num_edges,), -1, dtype=torch.long)
-        rows[trie_paths[paths >= 0]] = paths[paths >= 0]
         self.remember_edge_rows(trie, rows)
         return self._edge_rows_cache[1]
 
@@ -388,6 +397,27 @@ class TrieEdgeScores:
         return self.head.shared_edge_scores(queries, self._rows(edges))
 
 
+def share_forced_eos_rows(trie_paths: torch.Tensor, num_edges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector rows for a trie's edges where every forced EOS edge shares `SHARED_EOS_ROW` (`shared_eos_vector`).
+
+    `trie_paths` (N, L + 1): each identifier's trie edges, its EOS edge last, -1 after it. An EOS edge is forced
+    where the edge before it lies on no other identifier's path: that edge then already belongs to the identifier
+    alone, and a second vector of its own adds nothing that search without decoder states can tell apart.
+    Returns (the paths in rows, the row of each of the `num_edges` trie edges); the other edges keep their order
+    after the shared row."""
+    valid = trie_paths >= 0
+    lengths = valid.sum(dim=1)
+    through = torch.bincount(trie_paths[valid].long(), minlength=num_edges)
+    index = torch.arange(len(trie_paths))
+    before = trie_paths[index, (lengths - 2).clamp(min=0)].long()
+    forced = (lengths >= 2) & (through[before] == 1)
+    own = torch.ones(num_edges, dtype=torch.bool)
+    own[trie_paths[index[forced], lengths[forced] - 1].long()] = False
+    rows = torch.full((num_edges,), SHARED_EOS_ROW, dtype=torch.long)
+    rows[own] = SHARED_EOS_ROW + 1 + torch.arange(int(own.sum()))
+    return torch.where(valid, rows[trie_paths.clamp(min=0).long()], -1), rows
+
+
 def _prefix_loss(partial: torch.Tensor, paths: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
     """Per row, the mean over its depths (before its last edge) of the cross-entropy of its gold prefix against the
     other prefixes; then the mean over the rows.
@@ -420,4 +450,4 @@ def _as_void_rows(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
 
 
-__all__ = ["FULL_SOFTMAX_LIMIT", "IdentifierHead", "TrieEdgeScores"]
+__all__ = ["FULL_SOFTMAX_LIMIT", "SHARED_EOS_ROW", "IdentifierHead", "TrieEdgeScores", "share_forced_eos_rows"]

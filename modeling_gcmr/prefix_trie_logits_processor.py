@@ -227,7 +227,11 @@ def check_trie(model: Any, trie: Any) -> None:
             "this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)"
         )
     if model.config.identifier_head == "identifier":
-        if trie.num_edges != model.config.num_identifier_edges:
+        # With a shared EOS vector the head has fewer rows than the trie has edges: it matches the trie's paths
+        # against its own instead (`IdentifierHead.edge_rows`, cached per trie).
+        shared = model.config.shared_eos_vector
+        if (shared and not _spells_head_paths(model, trie)) or (
+                not shared and trie.num_edges != model.config.num_identifier_edges):
             raise ValueError(f"the PrefixTrieLogitsProcessor's trie has {trie.num_edges} edges, this model's "
                              f"identifier head {model.config.num_identifier_edges}: build it from the tokenizer saved "
                              "with this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
@@ -235,6 +239,14 @@ def check_trie(model: Any, trie: Any) -> None:
         raise ValueError(f"the PrefixTrieLogitsProcessor's trie spells tokens up to id {trie.vocab_size - 1}, this "
                          f"model's LM head has {model.vocab_size} rows: build it from the tokenizer saved with this "
                          "model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
+
+
+def _spells_head_paths(model: Any, trie: Any) -> bool:
+    try:
+        model.identifier_head.edge_rows(trie)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()

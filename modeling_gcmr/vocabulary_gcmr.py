@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .atomic_write_gcmr import MIXED_SAVES_HINT
+from .identifier_head_gcmr import SHARED_EOS_ROW, share_forced_eos_rows
 from .query_inputs_gcmr import check_finite_rows
 
 INITS = ("auto", "dense", "unit_vectors", "random")
@@ -46,17 +47,27 @@ def set_identifier_vocabulary(model: Any, tokenizer: Any, init: str = "auto", se
         if init == "dense" and features is None:
             raise ValueError("init='dense' needs image_embeds: one feature row per key of the tokenizer")
         dim = features.shape[1] if features is not None else None
-        head = model.install_identifier_head(
-            torch.as_tensor(tokenizer.prefix_trie.paths(tokenizer.identifier_token_rows)),
-            torch.as_tensor(tokenizer.identifier_token_rows),
-            tokenizer.prefix_trie.num_edges,
-            dim,
-        )
+        trie = tokenizer.prefix_trie
+        paths = torch.as_tensor(trie.paths(tokenizer.identifier_token_rows))
+        rows = torch.arange(trie.num_edges)
+        if config.shared_eos_vector:
+            paths, rows = share_forced_eos_rows(paths, trie.num_edges)
+        num_rows = int(rows.max()) + 1 if len(rows) else 0
+        head = model.install_identifier_head(paths, torch.as_tensor(tokenizer.identifier_token_rows), num_rows, dim)
+        head.remember_edge_rows(trie, rows)
         _fit_encoder_vocabulary(model, tokenizer.num_text_tokens)
         if init in ("auto", "dense") and features is not None:
             head.initialize_from_features(features)
+            if config.shared_eos_vector:
+                # What a forced EOS edge is left with is exactly zero (the edge before it took its identifier's
+                # whole rest); the init's per-depth means would leave rounding, or a mean over depths, in the row.
+                with torch.no_grad():
+                    head.edge_vectors[SHARED_EOS_ROW] = 0.0
         elif init in ("auto", "unit_vectors") and table.unit_vectors is not None:
-            head.initialize_from_tokens(*_token_vectors(tokenizer, head.edge_vectors.shape[1], seed))
+            vectors, edge_tokens = _token_vectors(tokenizer, head.edge_vectors.shape[1], seed)
+            # Per vector row: the shared EOS row is an EOS edge's (-1), as each edge mapped to it.
+            head.initialize_from_tokens(vectors, torch.full((num_rows,), -1, dtype=torch.long).index_put_(
+                (rows,), edge_tokens))
         elif init == "unit_vectors":
             raise ValueError(f"init='unit_vectors' needs identifier_table.unit_vectors; the {table.id_type!r} table has "
                              "none: pass image_embeds (init='dense') or use init='random'")
