@@ -128,7 +128,7 @@ def captions(count: int, seed: int) -> list[str]:
     return ["a photo of a " + " ".join(row) for row in words]
 
 
-def tiny_model(tokenizer: Any) -> Any:
+def tiny_model(tokenizer: Any, shared_eos_vector: bool = False) -> Any:
     """A GcmrForRetrieval with a one-layer T5 of width 32 and an identifier space of the features' width: the
     figures are then the collection's costs, not the backbone's."""
     from modeling_gcmr import GcmrConfig, GcmrForRetrieval
@@ -137,12 +137,12 @@ def tiny_model(tokenizer: Any) -> Any:
         text_config=dict(model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=32, d_ff=64, d_kv=8,
                          num_heads=4, num_layers=1, decoder_start_token_id=tokenizer.pad_token_id,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id),
-        image_embed_dim=DIM, identifier_dim=DIM))
+        image_embed_dim=DIM, identifier_dim=DIM, shared_eos_vector=shared_eos_vector))
 
 
 # ------------------------------------------------------------------------------------------------ the two halves
 def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float, device: str = "cpu",
-               bf16: bool = False, save_dtype: str = "float32") -> dict:
+               bf16: bool = False, save_dtype: str = "float32", shared_eos_vector: bool = False) -> dict:
     import torch
 
     from modeling_gcmr.publishing.checkpoint import save_retriever
@@ -160,11 +160,12 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
         text = train_text_tokenizer(captions(2000, seed=1), vocab_size=200)
         tokenizer = ImageIdTokenizer(text, table)
     del table
-    model = tiny_model(tokenizer)
+    model = tiny_model(tokenizer, shared_eos_vector)
     with steps.step("fit"):
         model.set_identifier_vocabulary(tokenizer, image_embeds=matrix)
         model.store_image_features(matrix)
     steps.results["trie_edges"] = int(tokenizer.prefix_trie.num_edges)
+    steps.results["edge_vector_rows"] = int(model.config.num_identifier_edges)
     epoch_steps = -(-size // BATCH)
     train_steps = min(epoch_steps, max_train_steps)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(0))[: train_steps * BATCH]
@@ -290,18 +291,24 @@ def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
 
 
 def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float, device: str = "cpu",
-            bf16: bool = False, results_dir: Path | None = None, save_dtype: str = "float32") -> dict:
+            bf16: bool = False, results_dir: Path | None = None, save_dtype: str = "float32",
+            shared_eos_vector: bool = False) -> dict:
     """Both halves of one (id_type, size) in their own processes; the result is also written to `results_dir`
-    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run), named for the checkpoint's dtype where it is not float32."""
+    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run), named for the checkpoint's dtype where it is not float32 and for
+    the shared EOS vector where it is on."""
     folder = work / f"{id_type}_{size}"
     result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM, "device": device, "bf16": bf16,
-                              "save_dtype": save_dtype, "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
-    if save_dtype != "float32":
-        result["note"] = f"{save_dtype} checkpoint"
+                              "save_dtype": save_dtype, "shared_eos_vector": shared_eos_vector,
+                              "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
+    notes = ([f"{save_dtype} checkpoint"] if save_dtype != "float32" else []) + (
+        ["shared EOS vector"] if shared_eos_vector else [])
+    if notes:
+        result["note"] = ", ".join(notes)
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
                    "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb),
-                   "--device", device, "--save_dtype", save_dtype] + (["--bf16"] if bf16 else [])
+                   "--device", device, "--save_dtype", save_dtype] + (["--bf16"] if bf16 else []) + (
+                       ["--shared_eos_vector"] if shared_eos_vector else [])
         result[f"{half}_load_average_before"] = os.getloadavg()[0]
         print(f"{id_type} {size:,} {half} (load {os.getloadavg()[0]:.1f})", flush=True)
         code, out, error = _watch(command, rss_limit_gb * 1e9)
@@ -322,7 +329,7 @@ def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit
         result["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
     results_dir = results_dir or (RESULTS if device == "cpu" else RESULTS_CUDA)
     results_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if save_dtype == "float32" else f"_{save_dtype}"
+    suffix = ("" if save_dtype == "float32" else f"_{save_dtype}") + ("_shared_eos" if shared_eos_vector else "")
     (results_dir / f"{id_type}_{size}{suffix}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="Cast the trained model to this dtype before saving: the serving half loads, searches, "
                         "adds and removes in it.")
+    parser.add_argument("--shared_eos_vector", action="store_true",
+                        help="Fit the model with GcmrConfig(shared_eos_vector=True): one vector row for every forced "
+                        "EOS edge.")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--worker", choices=("build", "serve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -362,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / f"{id_types[0]}_{sizes[0]}"
         if args.worker == "build":
             result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9,
-                                args.device, args.bf16, args.save_dtype)
+                                args.device, args.bf16, args.save_dtype, args.shared_eos_vector)
         else:
             result = serve_half(id_types[0], sizes[0], folder, args.device)
         print(json.dumps(result))
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             for id_type in id_types:
                 run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb, args.device, args.bf16,
-                        save_dtype=args.save_dtype)
+                        save_dtype=args.save_dtype, shared_eos_vector=args.shared_eos_vector)
     report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]), args.device)
 
 

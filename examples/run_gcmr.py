@@ -221,6 +221,7 @@ def _model_and_tokenizer(corpus, train_corpus, dense_embeddings, model_args, dat
             consistency_weight=model_args.consistency_weight,
             score_scale=model_args.score_scale,
             prefix_loss_weight=model_args.prefix_loss_weight,
+            shared_eos_vector=model_args.shared_eos_vector,
             interpolation_prob=model_args.interpolation_prob,
             max_query_tokens=model_args.max_query_tokens,
         )

@@ -69,6 +69,11 @@ class ModelArguments:
     )
     score_scale: float = field(default=20.0, metadata={"help": "Initial inverse temperature of identifier scores."})
     prefix_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the per-depth prefix losses."})
+    shared_eos_vector: bool = field(
+        default=False,
+        metadata={"help": "Forced EOS edges (identifiers no other extends) share one vector: about one stored vector "
+                  "per image fewer, for large collections (GcmrConfig.shared_eos_vector)."},
+    )
     interpolation_prob: float = field(
         default=0.0, metadata={"help": "Share of text queries replaced by GENIUS query/target interpolation in training."}
     )
