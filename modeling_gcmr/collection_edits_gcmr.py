@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .identifier_head_gcmr import SHARED_EOS_ROW, share_forced_eos_rows
+from .identifier_head_gcmr import SHARED_EOS_ROW, forced_eos_edges
 from .query_inputs_gcmr import check_finite_rows
 
 # Identifiers sampled to fit the feature -> trained path-sum map, and its pull towards the identity (per row).
@@ -203,8 +203,7 @@ def _grown_head(head: Any, edit: Any, features: torch.Tensor, shared_eos: bool) 
     valid = old_paths >= 0
     rows[trie_paths[:old_count, :old_width][valid]] = old_paths[valid]
     if shared_eos:
-        _, shared_rows = share_forced_eos_rows(trie_paths, edit.trie.num_edges)
-        rows[(rows < 0) & (shared_rows == SHARED_EOS_ROW)] = SHARED_EOS_ROW
+        rows[forced_eos_edges(trie_paths[old_count:], edit.trie.num_edges, elsewhere=rows >= 0)] = SHARED_EOS_ROW
     fresh = torch.nonzero(rows < 0).squeeze(-1)
     rows[fresh] = old_rows + torch.arange(len(fresh))
     paths = torch.full(trie_paths.shape, -1, dtype=torch.long)

@@ -397,25 +397,35 @@ class TrieEdgeScores:
         return self.head.shared_edge_scores(queries, self._rows(edges))
 
 
-def share_forced_eos_rows(trie_paths: torch.Tensor, num_edges: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vector rows for a trie's edges where every forced EOS edge shares `SHARED_EOS_ROW` (`shared_eos_vector`).
+def forced_eos_edges(trie_paths: torch.Tensor, num_edges: int, elsewhere: torch.Tensor | None = None) -> torch.Tensor:
+    """The trie edges (numbers) that are forced EOS edges of the identifiers in `trie_paths` (N, L + 1: each one's
+    trie edges, its EOS edge last, -1 after it): the edge before the EOS lies on no other identifier's path.
 
-    `trie_paths` (N, L + 1): each identifier's trie edges, its EOS edge last, -1 after it. An EOS edge is forced
-    where the edge before it lies on no other identifier's path: that edge then already belongs to the identifier
-    alone, and a second vector of its own adds nothing that search without decoder states can tell apart.
-    Returns (the paths in rows, the row of each of the `num_edges` trie edges); the other edges keep their order
-    after the shared row."""
+    `elsewhere` (bool per trie edge): edges that other identifiers, not in `trie_paths`, also take (an add passes
+    the old identifiers' edges and only the new identifiers' paths, so it costs what it adds, not the collection)."""
     valid = trie_paths >= 0
     lengths = valid.sum(dim=1)
     through = torch.bincount(trie_paths[valid].long(), minlength=num_edges)
     index = torch.arange(len(trie_paths))
     before = trie_paths[index, (lengths - 2).clamp(min=0)].long()
     forced = (lengths >= 2) & (through[before] == 1)
+    if elsewhere is not None:
+        forced &= ~elsewhere[before]
+    return trie_paths[index[forced], lengths[forced] - 1].long()
+
+
+def share_forced_eos_rows(trie_paths: torch.Tensor, num_edges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vector rows for a trie's edges where every forced EOS edge shares `SHARED_EOS_ROW` (`shared_eos_vector`).
+
+    An EOS edge is forced where the edge before it lies on no other identifier's path: that edge then already
+    belongs to the identifier alone, and a second vector of its own adds nothing that search without decoder states
+    can tell apart. Returns (the paths in rows, the row of each of the `num_edges` trie edges); the other edges keep
+    their order after the shared row."""
     own = torch.ones(num_edges, dtype=torch.bool)
-    own[trie_paths[index[forced], lengths[forced] - 1].long()] = False
+    own[forced_eos_edges(trie_paths, num_edges)] = False
     rows = torch.full((num_edges,), SHARED_EOS_ROW, dtype=torch.long)
     rows[own] = SHARED_EOS_ROW + 1 + torch.arange(int(own.sum()))
-    return torch.where(valid, rows[trie_paths.clamp(min=0).long()], -1), rows
+    return torch.where(trie_paths >= 0, rows[trie_paths.clamp(min=0).long()], -1), rows
 
 
 def _prefix_loss(partial: torch.Tensor, paths: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -450,4 +460,5 @@ def _as_void_rows(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
 
 
-__all__ = ["FULL_SOFTMAX_LIMIT", "SHARED_EOS_ROW", "IdentifierHead", "TrieEdgeScores", "share_forced_eos_rows"]
+__all__ = ["FULL_SOFTMAX_LIMIT", "SHARED_EOS_ROW", "IdentifierHead", "TrieEdgeScores", "forced_eos_edges",
+           "share_forced_eos_rows"]
