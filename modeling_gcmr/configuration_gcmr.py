@@ -81,9 +81,10 @@ class GcmrConfig(PreTrainedConfig):
         shared_eos_vector (`bool`, *optional*, defaults to `False`):
             Every forced EOS edge (an identifier that no other identifier extends) scores with one shared vector
             instead of a vector of its own. The edge before such an EOS leads to that identifier alone, so it
-            already carries whatever the identifier needs: search that reads no decoder state ranks the same, and
-            the checkpoint stores about one vector per image fewer (at a million coarse_fine images 1.24M edge
-            vectors instead of 2.24M). For large collections; read by `set_identifier_vocabulary` and `add_images`.
+            already carries what sets the identifier apart: before training every id type scores exactly as without
+            the option, and the checkpoint stores about one vector per image fewer (at a million coarse_fine images
+            1.13M edge vectors instead of 2.13M). For large collections (docs/user_guide.md); read by
+            `set_identifier_vocabulary` and `add_images`.
         shared_query_space (`bool`, *optional*, defaults to `False`):
             The text encoder already embeds queries in the space of the image features (a CLIP-style text tower with
             its projection, or the sentence encoder the features come from): the query projection starts as the

@@ -2,7 +2,7 @@
 
 An identifier that no other identifier extends ends with an EOS edge forced by the edge before it, which leads to that
 identifier alone; storing a vector for both holds about one vector per image more than search needs (at a million
-coarse_fine images, 1M of 2.24M rows). With the option, every id type keeps the scores of the unshared head before
+coarse_fine images, 1M of 2.13M rows). With the option, every id type keeps the scores of the unshared head before
 training (the shared row starts at zero), through retrieve(), generate(), save/reload and add_images.
 """
 import numpy as np
