@@ -1,6 +1,9 @@
 """What keeps the user path linear in the collection size (issue 16); `benchmarks/scale.py` measures it at 1M."""
 from __future__ import annotations
 
+import mmap
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +153,66 @@ def test_scale_script_refuses_a_device_it_cannot_use(device, capsys):
     with pytest.raises(SystemExit):
         scale.main(["--device", device, "--sizes", "10", "--work", "/nonexistent"])
     assert "--device" in capsys.readouterr().err
+
+
+def _file_rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("RssFile:"))
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status and madvise: Linux")
+
+
+@linux_only
+def test_released_pages_of_a_mapped_file_leave_the_process_and_read_back_the_same(tmp_path):
+    from modeling_gcmr.collection_edits_gcmr import release_mapped_pages
+
+    values = torch.arange(8 << 20, dtype=torch.float32)  # 32 MB
+    values.numpy().tofile(tmp_path / "values.bin")
+    mapped = torch.from_file(str(tmp_path / "values.bin"), shared=False, size=values.numel(), dtype=torch.float32)
+    assert float(mapped.sum()) == float(values.sum())  # every page read
+    before = _file_rss()
+    assert release_mapped_pages([mapped]) >= values.nbytes - 2 * mmap.PAGESIZE
+    assert before - _file_rss() >= values.nbytes * 0.9
+    assert torch.equal(mapped, values)  # a reference still held reads the file again
+
+
+def test_release_leaves_anonymous_memory_alone():
+    from modeling_gcmr.collection_edits_gcmr import release_mapped_pages
+
+    values = torch.randn(1 << 20)
+    copy = values.clone()
+    assert release_mapped_pages([values, torch.zeros(0)]) == 0
+    assert torch.equal(values, copy)
+
+
+@linux_only
+def test_an_add_to_a_loaded_checkpoint_gives_back_the_file_pages_it_copied(text_tokenizer, tmp_path):
+    """A checkpoint loads memory-mapped; an add copies its edge vectors and features into grown tensors. The pages
+    it read stay mapped while the file does (the backbone's tensors keep it open): at a million images that held
+    2.3 GB more than the model, until the add released them."""
+    from modeling_gcmr.publishing.checkpoint import save_retriever
+
+    count, width = 20_000, 128
+    features = np.random.default_rng(0).normal(size=(count, width)).astype(np.float32)
+    table = build_identifiers([f"k{i}" for i in range(count)], "atomic", embeddings=features, seed=0)
+    tokenizer = ImageIdTokenizer(text_tokenizer, table)
+    model = GcmrForRetrieval(GcmrConfig(text_config=dict(
+        model_type="t5", vocab_size=tokenizer.num_text_tokens, d_model=16, d_ff=32, d_kv=4, num_heads=4,
+        num_layers=1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0), image_embed_dim=width))
+    model.set_identifier_vocabulary(tokenizer, image_embeds=features)
+    model.store_image_features(features)
+    save_retriever(model, tokenizer, tmp_path / "saved")
+    del model
+    loaded = GcmrForRetrieval.from_pretrained(tmp_path / "saved").eval()
+    tokenizer = ImageIdTokenizer.from_pretrained(tmp_path / "saved")
+    old = loaded.identifier_head.edge_vectors.detach()
+    copied = old.nbytes + loaded.image_features.nbytes  # 20 + 10 MB
+    float(old.sum()), float(loaded.image_features.sum())  # both read, as the add's copy reads them
+    before = _file_rss()
+    new = np.random.default_rng(1).normal(size=(10, width)).astype(np.float32)
+    loaded.add_images([f"n{i}" for i in range(10)], tokenizer, image_embeds=new, placement="centroids")
+    assert before - _file_rss() >= 0.8 * copied
+    assert torch.equal(loaded.identifier_head.edge_vectors[: len(old)], old)  # the grown table kept every old row
+    assert [row[0][0] for row in loaded.retrieve(tokenizer=tokenizer, image_embeds=new, top_k=1,
+                                                 show_progress=False)] == [f"n{i}" for i in range(10)]
