@@ -189,3 +189,25 @@ def test_an_identifier_that_others_extend_keeps_its_own_eos_row(text_tokenizer, 
     assert [[k for k, _ in row] for row in got] == [[k for k, _ in row] for row in want]
     np.testing.assert_allclose([[s for _, s in row] for row in got], [[s for _, s in row] for row in want],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_refresh_after_an_add_trains_new_edges_and_leaves_the_shared_row(text_tokenizer, tmp_path):
+    """The shared row belongs to old identifiers too, so a refresh of the new edges (scope="new") keeps it."""
+    from test_growing_collection import CAPTIONS, NEW, NEW_KEYS, NUM_OLD, OLD, OLD_KEYS, _corpus, _pair
+
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.config.shared_eos_vector = True
+    model.set_identifier_vocabulary(tokenizer, image_embeds=OLD)
+    old_rows = model.config.num_identifier_edges
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    before = model.identifier_head.edge_vectors.detach().clone()
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, dataloader_pin_memory=False)
+    refresh_after_add(model, tokenizer, _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW),
+                      _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD), args)
+    after = model.identifier_head.edge_vectors.detach()
+    assert torch.equal(after[:old_rows], before[:old_rows])  # the shared row (0) and every old edge
+    assert not torch.equal(after[old_rows:], before[old_rows:])
