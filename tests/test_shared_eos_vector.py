@@ -211,3 +211,36 @@ def test_a_refresh_after_an_add_trains_new_edges_and_leaves_the_shared_row(text_
     after = model.identifier_head.edge_vectors.detach()
     assert torch.equal(after[:old_rows], before[:old_rows])  # the shared row (0) and every old edge
     assert not torch.equal(after[old_rows:], before[old_rows:])
+
+
+def test_remote_code_loads_a_shared_checkpoint_and_adds_to_it_as_in_process(pairs, tmp_path):
+    from subprocess_utils import run_without_package
+
+    tokenizer, _, shared = pairs["coarse_fine"]
+    save_retriever(shared, tokenizer, tmp_path)
+    images = embeddings()[:6]
+    new = (images[:2] * 0.5 + 0.1).astype(np.float32)
+    local = GcmrForRetrieval.from_pretrained(tmp_path).eval()
+    local_tokenizer = ImageIdTokenizer.from_pretrained(tmp_path)
+    local.add_images(["remote0", "remote1"], local_tokenizer, image_embeds=new, placement="centroids")
+    want = local.retrieve(tokenizer=local_tokenizer, image_embeds=np.concatenate([images, new]), top_k=3,
+                          show_progress=False)
+    got = run_without_package(
+        f"""
+        import json, torch
+        from transformers import AutoModel, AutoTokenizer
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        new = torch.tensor({new.tolist()!r})
+        model.add_images(["remote0", "remote1"], tokenizer, image_embeds=new, placement="centroids")
+        queries = torch.cat([torch.tensor({images.tolist()!r}), new])
+        hits = model.retrieve(tokenizer=tokenizer, image_embeds=queries, top_k=3, show_progress=False)
+        print(json.dumps({{"hits": hits, "shared": model.config.shared_eos_vector,
+                          "rows": model.config.num_identifier_edges}}))
+        """,
+        cwd=str(tmp_path),
+    )
+    assert got["shared"] is True and got["rows"] == local.config.num_identifier_edges
+    assert [[k for k, _ in row] for row in got["hits"]] == [[k for k, _ in row] for row in want]
+    np.testing.assert_allclose([[s for _, s in row] for row in got["hits"]], [[s for _, s in row] for row in want],
+                               rtol=1e-4, atol=1e-4)
