@@ -122,11 +122,12 @@ def release_mapped_pages(tensors: Sequence[torch.Tensor]) -> int:
              if t.device.type == "cpu" and t.untyped_storage().nbytes() >= mmap.PAGESIZE]
     try:
         with open("/proc/self/maps", encoding="ascii", errors="replace") as handle:
-            files = [tuple(int(bound, 16) for bound in line.split(maxsplit=1)[0].split("-"))
-                     for line in handle if len(line.split(maxsplit=5)) == 6 and line.split(maxsplit=5)[5][0] == "/"]
+            fields = [line.split(maxsplit=5) for line in handle]
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return 0
+    # "start-end perms offset dev inode path": file mappings have a path; anonymous ones none or "[heap]" and such.
+    files = [[int(bound, 16) for bound in row[0].split("-")] for row in fields if len(row) == 6 and row[5][0] == "/"]
     released = 0
     for start, size in spans:
         for low, high in files:

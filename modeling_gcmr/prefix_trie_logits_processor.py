@@ -227,11 +227,9 @@ def check_trie(model: Any, trie: Any) -> None:
             "this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)"
         )
     if model.config.identifier_head == "identifier":
-        # With a shared EOS vector the head has fewer rows than the trie has edges: it matches the trie's paths
-        # against its own instead (`IdentifierHead.edge_rows`, cached per trie).
-        shared = model.config.shared_eos_vector
-        if (shared and not _spells_head_paths(model, trie)) or (
-                not shared and trie.num_edges != model.config.num_identifier_edges):
+        # The head matches the trie's paths against its own (`IdentifierHead.edge_rows`, cached per trie, which the
+        # beam search then reads): counting edges against rows proves nothing with a shared EOS vector.
+        if not _spells_head_paths(model, trie):
             raise ValueError(f"the PrefixTrieLogitsProcessor's trie has {trie.num_edges} edges, this model's "
                              f"identifier head {model.config.num_identifier_edges}: build it from the tokenizer saved "
                              "with this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
