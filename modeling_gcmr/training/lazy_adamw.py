@@ -108,9 +108,8 @@ class LazyAdamW(torch.optim.AdamW):
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = float(group["lr"]), group["eps"], group["weight_decay"]
-        # In chunks of rows: each row's update is its own, and a step over every row read at once holds five
-        # (rows x D) temporaries beside the moments. (At 1M coarse_fine the training step's peak lies in the
-        # forward/backward pass: 11.16 -> 11.03 GB.)
+        # In chunks of rows: each row's update is its own, and a step over every row at once held five (rows x D)
+        # temporaries (at a million images ~200k rows of 512: 2 GB beside the moments).
         for start in range(0, len(rows), STEP_CHUNK_ROWS):
             part, grads = rows[start : start + STEP_CHUNK_ROWS], values[start : start + STEP_CHUNK_ROWS]
             exp_avg = state["exp_avg"][part].mul_(beta1).add_(grads, alpha=1 - beta1)
