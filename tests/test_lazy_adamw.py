@@ -14,7 +14,6 @@ from test_training import tiny_setup  # noqa: F401  (the fixture `tiny` builds o
 from test_training_optimization import _trainer
 
 from modeling_gcmr import identifier_head_gcmr
-from modeling_gcmr.training import lazy_adamw
 from modeling_gcmr.training.lazy_adamw import LazyAdamW, sparse_gradient
 from modeling_gcmr.training.optimization import optimizer_cls_and_kwargs, sparse_edge_gradients
 
@@ -42,10 +41,8 @@ def _train(optimizer_cls, sparse: bool, batches, clip: float = 0.0, **options):
     return table.detach(), bias.detach(), optimizer
 
 
-@pytest.mark.parametrize("chunk", [lazy_adamw.STEP_CHUNK_ROWS, 5])  # 5: a sparse step in three chunks of rows
 @pytest.mark.parametrize("clip", [0.0, 0.5])
-def test_lazy_adamw_is_adamw_where_every_row_is_read_at_every_step(clip, chunk, monkeypatch):
-    monkeypatch.setattr(lazy_adamw, "STEP_CHUNK_ROWS", chunk)
+def test_lazy_adamw_is_adamw_where_every_row_is_read_at_every_step(clip):
     # every row read, some twice (a sparse gradient with repeated rows sums them, as the dense one does)
     batches = [torch.cat([torch.randperm(ROWS, generator=torch.Generator().manual_seed(step)), torch.tensor([3, 3])])
                for step in range(6)]

@@ -23,9 +23,6 @@ from typing import Any, Callable
 
 import torch
 
-# Rows updated at once by a sparse step (bounds its scratch memory; the update of a row does not depend on others).
-STEP_CHUNK_ROWS = 16_384
-
 
 def sparse_gradient(parameter: torch.Tensor) -> torch.Tensor | None:
     """The parameter's sparse gradient (`sparse_grad`, or a sparse `.grad`), or None."""
@@ -108,18 +105,14 @@ class LazyAdamW(torch.optim.AdamW):
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = float(group["lr"]), group["eps"], group["weight_decay"]
-        # In chunks of rows: each row's update is its own, and a step over every row at once held five (rows x D)
-        # temporaries (at a million images ~200k rows of 512: 2 GB beside the moments).
-        for start in range(0, len(rows), STEP_CHUNK_ROWS):
-            part, grads = rows[start : start + STEP_CHUNK_ROWS], values[start : start + STEP_CHUNK_ROWS]
-            exp_avg = state["exp_avg"][part].mul_(beta1).add_(grads, alpha=1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"][part].mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
-            state["exp_avg"].index_copy_(0, part, exp_avg)
-            state["exp_avg_sq"].index_copy_(0, part, exp_avg_sq)
-            denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            updated = parameter[part].mul_(1 - lr * weight_decay)
-            updated.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
-            parameter.index_copy_(0, part, updated)
+        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        updated = parameter[rows].mul_(1 - lr * weight_decay)
+        updated.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+        parameter.index_copy_(0, rows, updated)
 
 
-__all__ = ["STEP_CHUNK_ROWS", "LazyAdamW", "sparse_gradient"]
+__all__ = ["LazyAdamW", "sparse_gradient"]
