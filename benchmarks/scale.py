@@ -142,7 +142,8 @@ def tiny_model(tokenizer: Any, shared_eos_vector: bool = False) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the two halves
 def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_limit: float, device: str = "cpu",
-               bf16: bool = False, save_dtype: str = "float32", shared_eos_vector: bool = False) -> dict:
+               bf16: bool = False, save_dtype: str = "float32", shared_eos_vector: bool = False,
+               edge_optimizer_state: str = "full") -> dict:
     import torch
 
     from modeling_gcmr.publishing.checkpoint import save_retriever
@@ -172,12 +173,15 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
     labels = tokenizer.encode_identifiers([keys[i] for i in order.tolist()])
     trained = [p for p in model.parameters() if p.requires_grad]
     # What run_gcmr.py's Trainer does (optimization.optimizer_cls_and_kwargs): past FULL_SOFTMAX_LIMIT identifiers
-    # the edge vectors train with sparse gradients and LazyAdamW, so they hold two moments and no dense gradient.
+    # the edge vectors train with sparse gradients and LazyAdamW, so they hold two moments (or, row-wise, two floats
+    # per row) and no dense gradient.
     sparse = sparse_edge_gradients(model)
     model.identifier_head.sparse_gradients = sparse
     steps.results["train_sparse_edge_gradients"] = sparse
+    row_wise = edge_optimizer_state == "row_wise"
     edges = model.identifier_head.edge_vectors
-    copies = sum((2 if sparse and p is edges else 3) * p.numel() * p.element_size() for p in trained)
+    copies = sum(((0 if row_wise else 2) if sparse and p is edges else 3) * p.numel() * p.element_size()
+                 for p in trained)
     needed = _status("VmRSS") + copies + (1 << 30)
     if needed > rss_limit and device == "cpu":
         steps.results["train_skipped"] = (f"AdamW over {sum(p.numel() for p in trained) / 1e6:.0f}M parameters "
@@ -186,7 +190,8 @@ def build_half(id_type: str, size: int, folder: Path, max_train_steps: int, rss_
         train_steps = 0
     # As a GPU user's Trainer does: the fit on the CPU, then the model on the device (bf16: autocast, fp32 weights).
     model.to(device)
-    optimizer = LazyAdamW(trained, lr=1e-3)
+    optimizer = LazyAdamW([{"params": [edges], "row_wise": row_wise},
+                           {"params": [p for p in trained if p is not edges]}], lr=1e-3)
     model.train()
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     with steps.step("train"), autocast:
@@ -292,22 +297,25 @@ def _watch(command: list[str], rss_limit: float) -> tuple[int, str, str]:
 
 def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit_gb: float, device: str = "cpu",
             bf16: bool = False, results_dir: Path | None = None, save_dtype: str = "float32",
-            shared_eos_vector: bool = False) -> dict:
+            shared_eos_vector: bool = False, edge_optimizer_state: str = "full") -> dict:
     """Both halves of one (id_type, size) in their own processes; the result is also written to `results_dir`
-    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run), named for the checkpoint's dtype where it is not float32 and for
-    the shared EOS vector where it is on."""
+    (`RESULTS`, or `RESULTS_CUDA` for a CUDA run), named for the checkpoint's dtype where it is not float32, for
+    the shared EOS vector where it is on, and for a row-wise edge optimizer state."""
     folder = work / f"{id_type}_{size}"
     result: dict[str, Any] = {"id_type": id_type, "size": size, "dim": DIM, "device": device, "bf16": bf16,
                               "save_dtype": save_dtype, "shared_eos_vector": shared_eos_vector,
+                              "edge_optimizer_state": edge_optimizer_state,
                               "huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1"}
     notes = ([f"{save_dtype} checkpoint"] if save_dtype != "float32" else []) + (
-        ["shared EOS vector"] if shared_eos_vector else [])
+        ["shared EOS vector"] if shared_eos_vector else []) + (
+        ["row-wise edge optimizer state"] if edge_optimizer_state != "full" else [])
     if notes:
         result["note"] = ", ".join(notes)
     for half in ("build", "serve"):
         command = [sys.executable, __file__, "--worker", half, "--id_types", id_type, "--sizes", str(size),
                    "--work", str(work), "--max_train_steps", str(max_train_steps), "--rss_limit_gb", str(rss_limit_gb),
-                   "--device", device, "--save_dtype", save_dtype] + (["--bf16"] if bf16 else []) + (
+                   "--device", device, "--save_dtype", save_dtype, "--edge_optimizer_state", edge_optimizer_state
+                   ] + (["--bf16"] if bf16 else []) + (
                        ["--shared_eos_vector"] if shared_eos_vector else [])
         result[f"{half}_load_average_before"] = os.getloadavg()[0]
         print(f"{id_type} {size:,} {half} (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -329,7 +337,8 @@ def run_one(id_type: str, size: int, work: Path, max_train_steps: int, rss_limit
         result["device_name"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
     results_dir = results_dir or (RESULTS if device == "cpu" else RESULTS_CUDA)
     results_dir.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if save_dtype == "float32" else f"_{save_dtype}") + ("_shared_eos" if shared_eos_vector else "")
+    suffix = ("" if save_dtype == "float32" else f"_{save_dtype}") + ("_shared_eos" if shared_eos_vector else "") + (
+        "" if edge_optimizer_state == "full" else f"_{edge_optimizer_state}")
     (results_dir / f"{id_type}_{size}{suffix}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
@@ -355,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared_eos_vector", action="store_true",
                         help="Fit the model with GcmrConfig(shared_eos_vector=True): one vector row for every forced "
                         "EOS edge.")
+    parser.add_argument("--edge_optimizer_state", default="full", choices=("full", "row_wise"),
+                        help="The edge vectors' LazyAdamW state in training (run_gcmr.py --edge_optimizer_state): "
+                        "full (two moments) or row_wise (two floats per row).")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--worker", choices=("build", "serve"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -372,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = work / f"{id_types[0]}_{sizes[0]}"
         if args.worker == "build":
             result = build_half(id_types[0], sizes[0], folder, args.max_train_steps, args.rss_limit_gb * 1e9,
-                                args.device, args.bf16, args.save_dtype, args.shared_eos_vector)
+                                args.device, args.bf16, args.save_dtype, args.shared_eos_vector,
+                                args.edge_optimizer_state)
         else:
             result = serve_half(id_types[0], sizes[0], folder, args.device)
         print(json.dumps(result))
@@ -382,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             for id_type in id_types:
                 run_one(id_type, size, work, args.max_train_steps, args.rss_limit_gb, args.device, args.bf16,
-                        save_dtype=args.save_dtype, shared_eos_vector=args.shared_eos_vector)
+                        save_dtype=args.save_dtype, shared_eos_vector=args.shared_eos_vector,
+                        edge_optimizer_state=args.edge_optimizer_state)
     report("python benchmarks/scale.py " + shlex.join(argv if argv is not None else sys.argv[1:]), args.device)
 
 

@@ -313,12 +313,16 @@ class IdentifierHead(nn.Module):
         paths = self.paths.long() if candidates is None else self.paths.long()[candidates]
         steps = paths.shape[1]
         queries = queries[:, :steps]
+        rows = paths.clamp(min=0)
         if candidates is None and not self.sparse_gradients:
             per_edge = torch.einsum("btd,ed->bte", queries, self.edge_vectors)
-            index = paths.clamp(min=0).T.unsqueeze(0).expand(len(queries), -1, -1)
-            scores = per_edge.gather(2, index)
         else:
-            scores = torch.einsum("btd,ctd->btc", queries, self.vectors_of(paths.clamp(min=0)))
+            # Each edge read once: sampled paths share their first levels (and, with a shared EOS vector, their
+            # last), so a (C, T, D) gather of every path's vectors held each shared edge many times, with its
+            # gradient (1M coarse_fine: about 4x the distinct rows; the training step's transient memory).
+            read, rows = torch.unique(rows, return_inverse=True)
+            per_edge = torch.einsum("btd,ed->bte", queries, self.vectors_of(read))
+        scores = per_edge.gather(2, rows.T.unsqueeze(0).expand(len(queries), -1, -1))
         return scores * (paths.T >= 0), paths
 
     def loss(self, queries: torch.Tensor, gold: torch.Tensor, prefix_weight: float,

@@ -131,3 +131,96 @@ def test_sparse_edge_gradients_are_the_dense_ones_in_the_rows_read(tiny, monkeyp
     read = torch.unique(sparse.coalesce().indices()[0])
     assert 0 < len(read) < len(edges)  # a share of the rows, as at scale
     torch.testing.assert_close(sparse.to_dense(), dense, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- row-wise state (--edge_optimizer_state)
+
+
+def _row_wise_reference(start, batches, lr, beta2, eps, weight_decay):
+    """The row-wise step written out row by row: a row's summed gradient, its own step count, one second moment."""
+    table, seen, second = start.clone(), [0] * ROWS, [0.0] * ROWS
+    target = torch.arange(WIDTH, dtype=torch.float32)
+    for rows in batches:
+        looked_up = table[rows].clone().requires_grad_(True)
+        ((looked_up - target) ** 2 * (1 + rows.float())[:, None]).sum().backward()
+        for row in sorted(set(rows.tolist())):
+            grad = looked_up.grad[rows == row].sum(0)
+            seen[row] += 1
+            second[row] = beta2 * second[row] + (1 - beta2) * float(grad.pow(2).mean())
+            denominator = (second[row] / (1 - beta2 ** seen[row])) ** 0.5 + eps
+            table[row] = table[row] * (1 - lr * weight_decay) - lr * grad / denominator
+    return table
+
+
+def _row_wise(start, batches, sparse, lr=0.05, weight_decay=0.1):
+    table = torch.nn.Parameter(start.clone())
+    optimizer = LazyAdamW([{"params": [table], "row_wise": True}], lr=lr, weight_decay=weight_decay)
+    target = torch.arange(WIDTH, dtype=torch.float32)
+    for rows in batches:
+        looked_up = F.embedding(rows, table, sparse=True) if sparse else table.index_select(0, rows)
+        ((looked_up - target) ** 2 * (1 + rows.float())[:, None]).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return table.detach(), optimizer.state[table]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_row_wise_state_steps_each_row_by_its_own_count_and_mean_square(sparse):
+    # rows 7 and 9 are first read at the third step: their first step is bias-corrected by their own count
+    batches = [torch.tensor([0, 1, 1, 2]), torch.tensor([2, 5]), torch.tensor([7, 9, 0]), torch.tensor([9, 9, 1])]
+    start = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0))
+    table, state = _row_wise(start, batches, sparse)
+    want = _row_wise_reference(start, batches, lr=0.05, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    read = sorted({row for rows in batches for row in rows.tolist()})
+    unread = [row for row in range(ROWS) if row not in read]
+    if sparse:  # rows no step reads keep their values, weight decay included
+        torch.testing.assert_close(table, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(table[unread], start[unread])
+        assert state["row_step"].tolist() == [2, 2, 2, 0, 0, 1, 0, 1, 0, 2, 0, 0]
+    else:  # a dense gradient reads every row at every step (zero where no lookup): all rows step each time
+        assert state["row_step"].tolist() == [len(batches)] * ROWS
+        torch.testing.assert_close(table[unread], start[unread] * (1 - 0.05 * 0.1) ** len(batches))
+    # the whole state: two floats per row, no copy of the table
+    assert set(state) == {"row_step", "row_exp_avg_sq"}
+    assert all(value.shape == (ROWS,) for value in state.values())
+    # a row's first step moves each value by about the learning rate, as AdamW's first step does
+    first = _row_wise(start, batches[:1], sparse=True, weight_decay=0.0)[0]
+    assert float((first[0] - start[0]).abs().max()) <= 0.05 * 2.3
+
+
+def test_row_wise_state_refuses_what_is_not_a_table():
+    vector = torch.nn.Parameter(torch.zeros(3))
+    optimizer = LazyAdamW([{"params": [vector], "row_wise": True}])
+    vector.sum().backward()
+    with pytest.raises(ValueError, match=r"row-wise group takes 2-d parameters .* shape \(3,\)"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_edge_optimizer_state_row_wise_trains_the_edges_with_the_trainer(tiny, tmp_path, monkeypatch, sampled):
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+
+    if sampled:
+        monkeypatch.setattr(identifier_head_gcmr, "FULL_SOFTMAX_LIMIT", 4)
+    model = tiny["make_model"]()
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_grad_norm=1.0,
+                                 edge_optimizer_state="row_wise")
+    optimizer_cls, kwargs = optimizer_cls_and_kwargs(model, args)
+    assert optimizer_cls is LazyAdamW and model.identifier_head.sparse_gradients == sampled
+    assert args.max_grad_norm == (0.0 if sampled else 1.0)  # clipping moves into LazyAdamW with sparse gradients only
+    assert {group["gcmr_part"]: group["row_wise"] for group in kwargs["params"]}["edge"]
+    assert not any(group["row_wise"] for group in kwargs["params"] if group["gcmr_part"] != "edge")
+    start = model.identifier_head.edge_vectors.detach().clone()
+    trainer = _trainer(tiny, model, tmp_path, optimizer=(optimizer_cls, kwargs), max_steps=4,
+                       max_grad_norm=args.max_grad_norm)
+    history = trainer.train()
+    assert torch.isfinite(torch.tensor(history.training_loss))
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    edges = model.identifier_head.edge_vectors
+    assert set(inner.state[edges]) == {"row_step", "row_exp_avg_sq"} and inner.state[edges]["row_step"].max() == 4
+    assert not torch.equal(edges.detach(), start)
+    for bad, message in ((dict(edge_optimizer_state="rows"), "edge_optimizer_state must be one of"),
+                         (dict(edge_optimizer_state="row_wise", optim="sgd"), "row_wise is a state of LazyAdamW")):
+        with pytest.raises(ValueError, match=message):
+            optimizer_cls_and_kwargs(model, GcmrTrainingArguments(output_dir=str(tmp_path), report_to=[],
+                                                                  use_cpu=True, **bad))

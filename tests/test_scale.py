@@ -125,23 +125,24 @@ def _scale_script():
 
 def test_scale_script_runs_the_whole_path_in_two_processes(tmp_path):
     """benchmarks/scale.py at 2,000 images, training under bf16 autocast (the CUDA run's setting, here on the CPU)
-    with a shared EOS vector: every step runs and reports, and its row renders. A smoke run: the figures are not
-    judged."""
+    with a shared EOS vector and the row-wise edge optimizer state: every step runs and reports, and its row renders.
+    A smoke run: the figures are not judged."""
     scale, scale_report = _scale_script()
     result = scale.run_one("atomic", 2000, tmp_path / "work", 2, 8.0, bf16=True, results_dir=tmp_path / "results",
-                           shared_eos_vector=True)
+                           shared_eos_vector=True, edge_optimizer_state="row_wise")
     assert not [key for key in result if key.endswith("_error")], result
     assert result["train_steps"] == 2 and result["bf16"] and result["device"] == "cpu"
+    assert result["edge_optimizer_state"] == "row_wise"
     # Atomic identifiers: one token and a forced EOS each, so 2,000 EOS edges become one row.
     assert result["edge_vector_rows"] == result["trie_edges"] - 2000 + 1
     assert result["checkpoint_bytes"] > result["stored_feature_bytes"]
     assert result["retrieve_hits_per_query"] == 10 and result["added_found_by_own_feature_r1"] >= 0.9
     for step in ("build", "fit", "train", "save", "load", "retrieve", "add", "remove"):
         assert result[f"{step}_seconds"] >= 0 and result[f"{step}_peak_rss_gb"] > 0
-    assert (tmp_path / "results" / "atomic_2000_shared_eos.json").is_file()
+    assert (tmp_path / "results" / "atomic_2000_shared_eos_row_wise.json").is_file()
     assert not (tmp_path / "work" / "atomic_2000").exists()
     table = scale_report.table([result])
-    assert "| atomic | 2,000 (shared EOS vector) |" in table and "peak GPU" not in table
+    assert "| atomic | 2,000 (shared EOS vector, row-wise edge optimizer state) |" in table and "peak GPU" not in table
     # A CUDA run's rows carry each step's peak GPU memory, and the table shows the largest.
     on_gpu = {**result, "train_peak_gpu_gb": 1.5, "retrieve_peak_gpu_gb": 0.25}
     assert "peak GPU GB (step)" in scale_report.table([on_gpu]) and "1.50 (train)" in scale_report.table([on_gpu])

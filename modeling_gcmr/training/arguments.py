@@ -178,6 +178,12 @@ class GcmrTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Peak learning rate of the decoder and every other part (0: fixed); default: "
                                 "0 for a dense-aware start (pretrained backbone whose queries share the features' "
                                 "space: neither training nor search runs the decoder), else --learning_rate."})
+    edge_optimizer_state: str = field(
+        default="full", metadata={"help": "The edge vectors' optimizer state. full: AdamW's two moments per value (two "
+                                  "more copies of the edge table); row_wise: one second moment and step count per edge "
+                                  "vector, no first moment (LazyAdamW), for collections whose moments do not fit in "
+                                  "memory. See modeling_gcmr/training/lazy_adamw.py.",
+                                  "choices": ["full", "row_wise"]})
     num_train_epochs: float = field(default=4.0, metadata={"help": "Passes over the memorize + retrieve examples."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Training batch size per device."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Queries per decoding batch."})

@@ -15,6 +15,15 @@ runs torch's `clip_grad_norm_` over `.grad` at every step (to log the norm, also
 kernel for sparse tensors. Clipping therefore moves in here (`max_grad_norm`, over dense and sparse gradients
 together); `optimization.optimizer_cls_and_kwargs` hands the Trainer's `max_grad_norm` over. A sparse `.grad` (an
 `nn.Embedding(sparse=True)`) is taken as well.
+
+Row-wise state (a parameter group with `"row_wise": True`, `--edge_optimizer_state row_wise`): AdamW's two moments
+are two more copies of the edge table (4.6 GB of a million-image training step's 11 GB, benchmarks/scale.py). There
+the group keeps, per row, one second moment (the mean of the row's squared gradient) and the row's own step count,
+and no first moment: AdamW with beta1 = 0 whose denominator is shared by a row's values, as large recommendation
+embedding tables train (FBGEMM's row-wise optimizers). The step count is per row so that a row first read late in
+training starts with a bias-corrected step of about the learning rate, as AdamW's first step does (with the
+parameter's count its first denominator would be sqrt(1 - beta2) of the gradient: a 30x step). Dense gradients in
+such a group take the same step over every row.
 """
 from __future__ import annotations
 
@@ -59,7 +68,10 @@ class LazyAdamW(torch.optim.AdamW):
             for parameter in group["params"]:
                 grad = sparse_gradient(parameter)
                 if grad is not None:
-                    sparse[parameter] = (group, grad.coalesce())  # repeated rows summed, as a dense gradient sums
+                    grad = grad.coalesce()  # repeated rows summed, as a dense gradient sums
+                    sparse[parameter] = (group, grad.indices()[0], grad.values())
+                elif group.get("row_wise") and parameter.grad is not None:  # a dense gradient reads every row
+                    sparse[parameter] = (group, torch.arange(len(parameter), device=parameter.device), parameter.grad)
         if self.max_grad_norm > 0:
             self._clip(sparse)
         held = {parameter: parameter.grad for parameter in sparse}
@@ -70,8 +82,8 @@ class LazyAdamW(torch.optim.AdamW):
         finally:
             for parameter, grad in held.items():
                 parameter.grad = grad
-        for parameter, (group, grad) in sparse.items():
-            self._sparse_step(group, parameter, grad)
+        for parameter, (group, rows, values) in sparse.items():
+            (self._row_wise_step if group.get("row_wise") else self._sparse_step)(group, parameter, rows, values)
             parameter.sparse_grad = None
         return loss
 
@@ -81,8 +93,8 @@ class LazyAdamW(torch.optim.AdamW):
             for parameter in group["params"]:
                 parameter.sparse_grad = None
 
-    def _clip(self, sparse: dict[torch.Tensor, tuple[dict, torch.Tensor]]) -> None:
-        values = [grad.values() for _, grad in sparse.values()]
+    def _clip(self, sparse: dict[torch.Tensor, tuple[dict, torch.Tensor, torch.Tensor]]) -> None:
+        values = [held[2] for held in sparse.values()]
         values += [parameter.grad for group in self.param_groups for parameter in group["params"]
                    if parameter not in sparse and parameter.grad is not None]
         if not values:
@@ -92,10 +104,10 @@ class LazyAdamW(torch.optim.AdamW):
         for value in values:
             value.mul_(factor.to(value.device, value.dtype))
 
-    def _sparse_step(self, group: dict[str, Any], parameter: torch.Tensor, grad: torch.Tensor) -> None:
+    def _sparse_step(self, group: dict[str, Any], parameter: torch.Tensor, rows: torch.Tensor,
+                     values: torch.Tensor) -> None:
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError("LazyAdamW: amsgrad and maximize are not supported for sparse gradients")
-        rows, values = grad.indices()[0], grad.values()
         state = self.state[parameter]
         if not state:  # AdamW's own state layout, so state_dict() and a dense step read it alike
             state["step"] = torch.tensor(0.0)
@@ -112,6 +124,26 @@ class LazyAdamW(torch.optim.AdamW):
         denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         updated = parameter[rows].mul_(1 - lr * weight_decay)
         updated.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+        parameter.index_copy_(0, rows, updated)
+
+    def _row_wise_step(self, group: dict[str, Any], parameter: torch.Tensor, rows: torch.Tensor,
+                       values: torch.Tensor) -> None:
+        if group.get("amsgrad") or group.get("maximize") or parameter.dim() != 2:
+            raise ValueError("LazyAdamW: a row-wise group takes 2-d parameters (tables of rows), without amsgrad "
+                             f"or maximize; got a parameter of shape {tuple(parameter.shape)}")
+        state = self.state[parameter]
+        if not state:
+            state["row_step"] = torch.zeros(parameter.shape[0], dtype=torch.float32, device=parameter.device)
+            state["row_exp_avg_sq"] = torch.zeros(parameter.shape[0], dtype=torch.float32, device=parameter.device)
+        beta2 = group["betas"][1]
+        lr, eps, weight_decay = float(group["lr"]), group["eps"], group["weight_decay"]
+        row_step = state["row_step"][rows].add_(1)
+        row_sq = state["row_exp_avg_sq"][rows].mul_(beta2).add_(values.float().pow(2).mean(1), alpha=1 - beta2)
+        state["row_step"].index_copy_(0, rows, row_step)
+        state["row_exp_avg_sq"].index_copy_(0, rows, row_sq)
+        denominator = (row_sq / (1 - beta2**row_step)).sqrt_().add_(eps)
+        updated = parameter[rows].mul_(1 - lr * weight_decay)
+        updated.addcdiv_(values, denominator[:, None].to(values.dtype), value=-lr)
         parameter.index_copy_(0, rows, updated)
 
 

@@ -31,6 +31,7 @@ QUERY_PARAMETERS = ("query_projection.", "image_query_projection.", "vision_quer
 ENCODER_PARAMETERS = ("backbone.encoder.", "backbone.shared.", "backbone.model.encoder.", "backbone.model.shared.",
                       "embed_projector.", "vision_projector.")
 PARTS = ("edge", "query", "encoder", "decoder")
+EDGE_OPTIMIZER_STATES = ("full", "row_wise")
 # The decoder's rate as a share of --learning_rate for a dense-aware start: 0, so the decoder stays at its zero
 # correction and neither training nor search runs it (`IdentifierHead.decoder_is_idle`). Chosen on the dev sets with
 # held-out features (docs/real_captions.md, "A fixed decoder"): against the earlier 0.1 with 4 hard negatives, R@1
@@ -135,13 +136,25 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     Trainer's clipping cannot see the sparse gradient; it is set to 0 in `args`, and the norm the Trainer logs leaves
     the edge vectors out). Another optimizer keeps dense gradients. Parts whose rate is 0 are frozen
     (`requires_grad=False`): a decoder fixed at its zero start then does not run in training
-    (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search."""
+    (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search.
+
+    `args.edge_optimizer_state == "row_wise"` (GcmrTrainingArguments) keeps the edge vectors' state per row
+    (`lazy_adamw.py`): LazyAdamW, sparse gradients or not."""
     rates = dict(zip(PARTS, (edge_learning_rate, query_learning_rate, encoder_learning_rate, decoder_learning_rate)))
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    state = getattr(args, "edge_optimizer_state", "full")
+    if state not in EDGE_OPTIMIZER_STATES:
+        raise ValueError(f"--edge_optimizer_state must be one of {EDGE_OPTIMIZER_STATES}, got {state!r}")
+    row_wise = state == "row_wise"
+    if row_wise and optimizer_cls is not torch.optim.AdamW:
+        raise ValueError(f"--edge_optimizer_state row_wise is a state of LazyAdamW (--optim adamw_torch, the default), "
+                         f"not of --optim {args.optim}")
     if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
         model.identifier_head.sparse_gradients = True
         optimizer_cls, kwargs = LazyAdamW, {**kwargs, "max_grad_norm": args.max_grad_norm or 0.0}
         args.max_grad_norm = 0.0
+    elif row_wise:
+        optimizer_cls = LazyAdamW  # dense gradients: the Trainer clips them itself
     elif all(rate is None for rate in rates.values()):
         return None
     if "params" in kwargs or "model" in kwargs:
@@ -153,9 +166,11 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
             parameter.requires_grad_(False)
     groups = parameter_groups(model, args.learning_rate, args.weight_decay, edge_learning_rate, query_learning_rate,
                               decoder_learning_rate, encoder_learning_rate)
+    for group in groups:
+        group["row_wise"] = row_wise and group["gcmr_part"] == "edge"
     return optimizer_cls, {**kwargs, "params": groups}
 
 
-__all__ = ["DENSE_START_DECODER_SHARE", "ENCODER_PARAMETERS", "LONG_IDENTIFIER_LENGTH", "LONG_IDENTIFIER_SHARE",
-           "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part", "part_learning_rates",
+__all__ = ["DENSE_START_DECODER_SHARE", "EDGE_OPTIMIZER_STATES", "ENCODER_PARAMETERS", "LONG_IDENTIFIER_LENGTH",
+           "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part", "part_learning_rates",
            "sparse_edge_gradients"]
