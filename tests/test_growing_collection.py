@@ -441,6 +441,47 @@ def test_a_refresh_of_new_edges_only_leaves_every_old_identifier_as_it_was(text_
         gc.unfreeze()
 
 
+@pytest.mark.parametrize("state", ["full", "row_wise"])
+def test_a_refresh_of_a_large_collection_trains_new_edges_sparsely_and_leaves_old_ones_exactly(
+        text_tokenizer, tmp_path, monkeypatch, state):
+    """Past FULL_SOFTMAX_LIMIT a refresh trains as run_gcmr.py does (sparse edge gradients, LazyAdamW) and steps only
+    the new identifiers' own rows, which the sampled softmax reads beside old ones: old rows stay exactly as they
+    were, even under weight decay."""
+    from modeling_gcmr import identifier_head_gcmr
+    from modeling_gcmr.training.arguments import GcmrTrainingArguments
+    from modeling_gcmr.training.refresh import refresh_after_add
+
+    model, tokenizer = _pair("coarse_fine", text_tokenizer)
+    model.add_images(NEW_KEYS, tokenizer, image_embeds=NEW)
+    monkeypatch.setattr(identifier_head_gcmr, "FULL_SOFTMAX_LIMIT", 8)  # as if the collection were large
+    head = model.identifier_head
+    assert head.samples_softmax and not head.sparse_gradients
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    args = GcmrTrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=8,
+                                 save_strategy="no", disable_tqdm=True, learning_rate=1e-2, weight_decay=0.1,
+                                 max_grad_norm=1.0, edge_optimizer_state=state, dataloader_pin_memory=False)
+    sparse_in_steps = []
+    hook = model.register_forward_pre_hook(lambda *_: sparse_in_steps.append(head.sparse_gradients))
+    new, old = _corpus(NEW_KEYS, CAPTIONS[NUM_OLD:], NEW), _corpus(OLD_KEYS, CAPTIONS[:NUM_OLD], OLD)
+    refresh_after_add(model, tokenizer, new, old, args)
+    hook.remove()
+    assert sparse_in_steps and all(sparse_in_steps) and not head.sparse_gradients  # restored after
+    assert args.max_grad_norm == 1.0  # the caller's arguments: the clipping moved into a copy's optimizer
+    old_edges = torch.unique(head.paths[:NUM_OLD][head.paths[:NUM_OLD] >= 0].long())
+    new_edges = torch.unique(head.paths[NUM_OLD:][head.paths[NUM_OLD:] >= 0].long())
+    own = new_edges[~torch.isin(new_edges, old_edges)]
+    edges = head.edge_vectors.detach()
+    assert torch.equal(edges[old_edges], before["identifier_head.edge_vectors"][old_edges])
+    assert not torch.equal(edges[own], before["identifier_head.edge_vectors"][own])
+    assert [name for name, value in model.named_parameters() if not torch.equal(value, before[name])] == [
+        "identifier_head.edge_vectors"]
+    # an optimizer that cannot step some rows only is refused before anything trains
+    with pytest.raises(ValueError, match="training only some edge vectors .* needs LazyAdamW"):
+        refresh_after_add(model, tokenizer, new, old, GcmrTrainingArguments(
+            output_dir=str(tmp_path), optim="sgd", save_strategy="no", disable_tqdm=True))
+    assert torch.equal(head.edge_vectors.detach(), edges)
+
+
 def test_a_frozen_encoders_cached_states_outlive_an_add_and_a_second_freeze(text_tokenizer):
     """A refresh after every add freezes the text encoder again: its cached states stay (the weights cannot have
     moved), give the loss a fresh encoding gives, and go once the encoder may train."""

@@ -188,6 +188,40 @@ def test_row_wise_state_steps_each_row_by_its_own_count_and_mean_square(sparse):
     assert float((first[0] - start[0]).abs().max()) <= 0.05 * 2.3
 
 
+def _masked(batches, sparse, trainable=None, row_wise=False):
+    start = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0))
+    table = torch.nn.Parameter(start.clone())
+    group = {"params": [table], "row_wise": row_wise}
+    if trainable is not None:
+        group["trainable_rows"] = trainable
+    optimizer = LazyAdamW([group], lr=0.05, weight_decay=0.1, max_grad_norm=0.5)
+    target = torch.arange(WIDTH, dtype=torch.float32)
+    for rows in batches:
+        looked_up = F.embedding(rows, table, sparse=True) if sparse else table.index_select(0, rows)
+        ((looked_up - target) ** 2 * (1 + rows.float())[:, None]).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return start, table.detach(), optimizer.state[table]
+
+
+@pytest.mark.parametrize("row_wise", [False, True])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_trainable_rows_step_as_if_the_other_rows_were_never_read(sparse, row_wise):
+    trainable = torch.zeros(ROWS, dtype=torch.bool)
+    trainable[[1, 2, 7]] = True
+    batches = [torch.tensor([0, 1, 1, 2]), torch.tensor([2, 5, 7]), torch.tensor([7, 9, 0])]
+    start, table, state = _masked(batches, sparse, trainable, row_wise)
+    # the same steps where only the trainable rows are looked up: same values, same clipping norm (a dense gradient
+    # steps every trainable row at every step, read or not, as AdamW does; a sparse one the rows read)
+    _, want, _ = _masked([rows[trainable[rows]] for rows in batches], sparse, row_wise=row_wise)
+    torch.testing.assert_close(table[trainable], want[trainable], rtol=1e-5, atol=1e-6)
+    frozen = ~trainable
+    assert torch.equal(table[frozen], start[frozen])  # read, differentiated, decayed by nothing
+    assert not torch.equal(table[trainable], start[trainable])
+    moments = [state["row_exp_avg_sq"][:, None]] if row_wise else [state["exp_avg"], state["exp_avg_sq"]]
+    assert all(not moment[frozen].any() for moment in moments)
+
+
 def test_row_wise_state_refuses_what_is_not_a_table():
     vector = torch.nn.Parameter(torch.zeros(3))
     optimizer = LazyAdamW([{"params": [vector], "row_wise": True}])
@@ -220,7 +254,7 @@ def test_edge_optimizer_state_row_wise_trains_the_edges_with_the_trainer(tiny, t
     assert set(inner.state[edges]) == {"row_step", "row_exp_avg_sq"} and inner.state[edges]["row_step"].max() == 4
     assert not torch.equal(edges.detach(), start)
     for bad, message in ((dict(edge_optimizer_state="rows"), "edge_optimizer_state must be one of"),
-                         (dict(edge_optimizer_state="row_wise", optim="sgd"), "row_wise is a state of LazyAdamW")):
+                         (dict(edge_optimizer_state="row_wise", optim="sgd"), "row_wise needs LazyAdamW")):
         with pytest.raises(ValueError, match=message):
             optimizer_cls_and_kwargs(model, GcmrTrainingArguments(output_dir=str(tmp_path), report_to=[],
                                                                   use_cpu=True, **bad))

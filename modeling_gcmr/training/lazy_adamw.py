@@ -24,6 +24,10 @@ embedding tables train (FBGEMM's row-wise optimizers). The step count is per row
 training starts with a bias-corrected step of about the learning rate, as AdamW's first step does (with the
 parameter's count its first denominator would be sqrt(1 - beta2) of the gradient: a 30x step). Dense gradients in
 such a group take the same step over every row.
+
+Frozen rows (a parameter group with `"trainable_rows"`, a (rows,) bool tensor): only those rows step, whether the
+gradient is sparse or dense; the others keep their values and state exactly (no weight decay either), and their
+gradients count in no clipping norm. `refresh_after_add` trains the new identifiers' own edges this way.
 """
 from __future__ import annotations
 
@@ -67,11 +71,18 @@ class LazyAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             for parameter in group["params"]:
                 grad = sparse_gradient(parameter)
+                allowed = group.get("trainable_rows")
                 if grad is not None:
                     grad = grad.coalesce()  # repeated rows summed, as a dense gradient sums
-                    sparse[parameter] = (group, grad.indices()[0], grad.values())
-                elif group.get("row_wise") and parameter.grad is not None:  # a dense gradient reads every row
-                    sparse[parameter] = (group, torch.arange(len(parameter), device=parameter.device), parameter.grad)
+                    rows, values = grad.indices()[0], grad.values()
+                elif (group.get("row_wise") or allowed is not None) and parameter.grad is not None:
+                    rows, values = torch.arange(len(parameter), device=parameter.device), parameter.grad  # every row
+                else:
+                    continue
+                if allowed is not None:
+                    keep = allowed.to(rows.device)[rows]
+                    rows, values = rows[keep], values[keep]
+                sparse[parameter] = (group, rows, values)
         if self.max_grad_norm > 0:
             self._clip(sparse)
         held = {parameter: parameter.grad for parameter in sparse}

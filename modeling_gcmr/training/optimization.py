@@ -125,7 +125,8 @@ def sparse_edge_gradients(model: nn.Module) -> bool:
 
 def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_learning_rate: float | None = None,
                              query_learning_rate: float | None = None, decoder_learning_rate: float | None = None,
-                             encoder_learning_rate: float | None = None) -> tuple[type, dict[str, Any]] | None:
+                             encoder_learning_rate: float | None = None,
+                             trainable_edge_rows: torch.Tensor | None = None) -> tuple[type, dict[str, Any]] | None:
     """`Trainer(optimizer_cls_and_kwargs=...)` for per-part learning rates: the optimizer `args` names (AdamW by
     default), with `parameter_groups`; None when every rate is None and the edge gradients stay dense (then the
     Trainer builds its own, unchanged). The Trainer's scheduler scales every group alike, so warm-up and decay apply
@@ -139,18 +140,22 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
     (`IdentifierHead.decoder_is_idle`), nor, through `reads_decoder_states`, in search.
 
     `args.edge_optimizer_state == "row_wise"` (GcmrTrainingArguments) keeps the edge vectors' state per row
-    (`lazy_adamw.py`): LazyAdamW, sparse gradients or not."""
+    (`lazy_adamw.py`): LazyAdamW, sparse gradients or not. `trainable_edge_rows` (a (edges,) bool tensor) trains
+    only those edge vectors (`refresh_after_add`): LazyAdamW, which then clips in place of the Trainer, so that the
+    frozen rows' gradients count in no norm."""
     rates = dict(zip(PARTS, (edge_learning_rate, query_learning_rate, encoder_learning_rate, decoder_learning_rate)))
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     state = getattr(args, "edge_optimizer_state", "full")
     if state not in EDGE_OPTIMIZER_STATES:
         raise ValueError(f"--edge_optimizer_state must be one of {EDGE_OPTIMIZER_STATES}, got {state!r}")
     row_wise = state == "row_wise"
-    if row_wise and optimizer_cls is not torch.optim.AdamW:
-        raise ValueError(f"--edge_optimizer_state row_wise is a state of LazyAdamW (--optim adamw_torch, the default), "
-                         f"not of --optim {args.optim}")
-    if optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model):
-        model.identifier_head.sparse_gradients = True
+    restricted = trainable_edge_rows is not None
+    if (row_wise or restricted) and optimizer_cls is not torch.optim.AdamW:
+        asked = "--edge_optimizer_state row_wise" if row_wise else "training only some edge vectors (a refresh)"
+        raise ValueError(f"{asked} needs LazyAdamW (--optim adamw_torch, the default), not --optim {args.optim}")
+    sparse = optimizer_cls is torch.optim.AdamW and sparse_edge_gradients(model)
+    if sparse or restricted:
+        model.identifier_head.sparse_gradients = sparse
         optimizer_cls, kwargs = LazyAdamW, {**kwargs, "max_grad_norm": args.max_grad_norm or 0.0}
         args.max_grad_norm = 0.0
     elif row_wise:
@@ -168,6 +173,8 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
                               decoder_learning_rate, encoder_learning_rate)
     for group in groups:
         group["row_wise"] = row_wise and group["gcmr_part"] == "edge"
+        if restricted and group["gcmr_part"] == "edge":
+            group["trainable_rows"] = trainable_edge_rows
     return optimizer_cls, {**kwargs, "params": groups}
 
 
