@@ -179,5 +179,5 @@ def optimizer_cls_and_kwargs(model: nn.Module, args: TrainingArguments, edge_lea
 
 
 __all__ = ["DENSE_START_DECODER_SHARE", "EDGE_OPTIMIZER_STATES", "ENCODER_PARAMETERS", "LONG_IDENTIFIER_LENGTH",
-           "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part", "part_learning_rates",
-           "sparse_edge_gradients"]
+           "LONG_IDENTIFIER_SHARE", "optimizer_cls_and_kwargs", "parameter_groups", "parameter_part",
+           "part_learning_rates", "sparse_edge_gradients"]
