@@ -319,7 +319,7 @@ class IdentifierHead(nn.Module):
         else:
             # Each edge read once: sampled paths share their first levels (and, with a shared EOS vector, their
             # last), so a (C, T, D) gather of every path's vectors held each shared edge many times, with its
-            # gradient (1M coarse_fine: about 4x the distinct rows; the training step's transient memory).
+            # gradient (1M coarse_fine: 194k rows gathered for 60k distinct; the training step's transient memory).
             read, rows = torch.unique(rows, return_inverse=True)
             per_edge = torch.einsum("btd,ed->bte", queries, self.vectors_of(read))
         scores = per_edge.gather(2, rows.T.unsqueeze(0).expand(len(queries), -1, -1))

@@ -152,9 +152,12 @@ def _row_wise_reference(start, batches, lr, beta2, eps, weight_decay):
     return table
 
 
-def _row_wise(start, batches, sparse, lr=0.05, weight_decay=0.1):
+def _lookups(start, batches, sparse, weight_decay=0.1, max_grad_norm=0.0, **group):
+    """A (ROWS, WIDTH) table from `start` trained by LazyAdamW (lr 0.05; `group`: row_wise, trainable_rows) on
+    squared errors of the lookups of `batches`, each row's weighted by its number: its values and state."""
     table = torch.nn.Parameter(start.clone())
-    optimizer = LazyAdamW([{"params": [table], "row_wise": True}], lr=lr, weight_decay=weight_decay)
+    optimizer = LazyAdamW([{"params": [table], **group}], lr=0.05, weight_decay=weight_decay,
+                          max_grad_norm=max_grad_norm)
     target = torch.arange(WIDTH, dtype=torch.float32)
     for rows in batches:
         looked_up = F.embedding(rows, table, sparse=True) if sparse else table.index_select(0, rows)
@@ -169,7 +172,7 @@ def test_row_wise_state_steps_each_row_by_its_own_count_and_mean_square(sparse):
     # rows 7 and 9 are first read at the third step: their first step is bias-corrected by their own count
     batches = [torch.tensor([0, 1, 1, 2]), torch.tensor([2, 5]), torch.tensor([7, 9, 0]), torch.tensor([9, 9, 1])]
     start = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0))
-    table, state = _row_wise(start, batches, sparse)
+    table, state = _lookups(start, batches, sparse, row_wise=True)
     want = _row_wise_reference(start, batches, lr=0.05, beta2=0.999, eps=1e-8, weight_decay=0.1)
     read = sorted({row for rows in batches for row in rows.tolist()})
     unread = [row for row in range(ROWS) if row not in read]
@@ -184,24 +187,8 @@ def test_row_wise_state_steps_each_row_by_its_own_count_and_mean_square(sparse):
     assert set(state) == {"row_step", "row_exp_avg_sq"}
     assert all(value.shape == (ROWS,) for value in state.values())
     # a row's first step moves each value by about the learning rate, as AdamW's first step does
-    first = _row_wise(start, batches[:1], sparse=True, weight_decay=0.0)[0]
+    first = _lookups(start, batches[:1], sparse=True, weight_decay=0.0, row_wise=True)[0]
     assert float((first[0] - start[0]).abs().max()) <= 0.05 * 2.3
-
-
-def _masked(batches, sparse, trainable=None, row_wise=False):
-    start = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0))
-    table = torch.nn.Parameter(start.clone())
-    group = {"params": [table], "row_wise": row_wise}
-    if trainable is not None:
-        group["trainable_rows"] = trainable
-    optimizer = LazyAdamW([group], lr=0.05, weight_decay=0.1, max_grad_norm=0.5)
-    target = torch.arange(WIDTH, dtype=torch.float32)
-    for rows in batches:
-        looked_up = F.embedding(rows, table, sparse=True) if sparse else table.index_select(0, rows)
-        ((looked_up - target) ** 2 * (1 + rows.float())[:, None]).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return start, table.detach(), optimizer.state[table]
 
 
 @pytest.mark.parametrize("row_wise", [False, True])
@@ -210,16 +197,17 @@ def test_trainable_rows_step_as_if_the_other_rows_were_never_read(sparse, row_wi
     trainable = torch.zeros(ROWS, dtype=torch.bool)
     trainable[[1, 2, 7]] = True
     batches = [torch.tensor([0, 1, 1, 2]), torch.tensor([2, 5, 7]), torch.tensor([7, 9, 0])]
-    start, table, state = _masked(batches, sparse, trainable, row_wise)
+    start = torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0))
+    table, state = _lookups(start, batches, sparse, max_grad_norm=0.5, row_wise=row_wise, trainable_rows=trainable)
     # the same steps where only the trainable rows are looked up: same values, same clipping norm (a dense gradient
     # steps every trainable row at every step, read or not, as AdamW does; a sparse one the rows read)
-    _, want, _ = _masked([rows[trainable[rows]] for rows in batches], sparse, row_wise=row_wise)
+    only_trainable = [rows[trainable[rows]] for rows in batches]
+    want, reference = _lookups(start, only_trainable, sparse, max_grad_norm=0.5, row_wise=row_wise)
     torch.testing.assert_close(table[trainable], want[trainable], rtol=1e-5, atol=1e-6)
     frozen = ~trainable
     assert torch.equal(table[frozen], start[frozen])  # read, differentiated, decayed by nothing
     assert not torch.equal(table[trainable], start[trainable])
     # the state holds the trainable rows only, in their order: the same as the reference's rows
-    _, _, reference = _masked([rows[trainable[rows]] for rows in batches], sparse, row_wise=row_wise)
     assert set(state) == set(reference)
     for name, value in state.items():
         if name != "step":
