@@ -112,10 +112,10 @@ def release_mapped_pages(tensors: Sequence[torch.Tensor]) -> int:
     A loaded checkpoint's tensors are memory-mapped from its safetensors file, and the file stays mapped while any
     tensor of it lives (the backbone's, say), so the pages an add read while copying the old edge vectors and
     features into the grown ones stayed in the process (at a million images: 2.3 GB of a bf16 checkpoint; the second
-    add of scale.py's run peaked at 8.84 GB, 6.61 GB once they were released). `madvise(MADV_DONTNEED)` drops them from this process; only
-    whole pages inside each tensor that lie in a file mapping (a path in /proc/self/maps) are touched, never
-    anonymous memory, which the allocator may hand out again. A reference still held to such a tensor reads the file
-    again. Linux only; elsewhere (or where /proc is unreadable) nothing happens."""
+    add of scale.py's run peaked at 8.84 GB, 6.61 GB once they were released). `madvise(MADV_DONTNEED)` drops them
+    from this process; only whole pages inside each tensor that lie in a file mapping (a path in /proc/self/maps) are
+    touched, never anonymous memory, which the allocator may hand out again. A reference still held to such a tensor
+    reads the file again. Linux only; elsewhere (or where /proc is unreadable) nothing happens."""
     if not sys.platform.startswith("linux"):
         return 0
     spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors

@@ -230,9 +230,10 @@ def check_trie(model: Any, trie: Any) -> None:
         # The head matches the trie's paths against its own (`IdentifierHead.edge_rows`, cached per trie, which the
         # beam search then reads): counting edges against rows proves nothing with a shared EOS vector.
         if not _spells_head_paths(model, trie):
-            raise ValueError(f"the PrefixTrieLogitsProcessor's trie has {trie.num_edges} edges, this model's "
-                             f"identifier head {model.config.num_identifier_edges}: build it from the tokenizer saved "
-                             "with this model, PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
+            raise ValueError(f"the PrefixTrieLogitsProcessor's trie has {trie.num_edges} edges and does not spell "
+                             f"this model's identifiers ({model.config.num_identifier_edges} edge vectors): build "
+                             "it from the tokenizer saved with this model, "
+                             "PrefixTrieLogitsProcessor(tokenizer.prefix_trie)")
     elif trie.vocab_size > model.vocab_size:
         raise ValueError(f"the PrefixTrieLogitsProcessor's trie spells tokens up to id {trie.vocab_size - 1}, this "
                          f"model's LM head has {model.vocab_size} rows: build it from the tokenizer saved with this "
