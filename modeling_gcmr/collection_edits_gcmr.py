@@ -72,7 +72,8 @@ def add_images(model: Any, keys: Sequence[str], tokenizer: Any, image_embeds: An
                                  neighbors)
     grown = None
     if head is not None:
-        grown = _grown_head(head, edit, features @ _trained_map(model, tokenizer.identifier_table.live_mask()),
+        grown = _grown_head(head, tokenizer.prefix_trie, edit,
+                            features @ _trained_map(model, tokenizer.identifier_table.live_mask()),
                             model.config.shared_eos_vector)
     stored = None
     if grown is not None and model.config.stores_image_features:
@@ -227,29 +228,32 @@ def _trained_map(model: Any, live: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _grown_head(head: Any, edit: Any, features: torch.Tensor, shared_eos: bool) -> tuple[
+def _grown_head(head: Any, trie: Any, edit: Any, features: torch.Tensor, shared_eos: bool) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The head's paths, token rows and edge vectors after the edit (module docstring), without changing it, and
-    the vector row of each edge of the edit's trie (`IdentifierHead.edge_rows`).
+    the vector row of each edge of the edit's trie (`IdentifierHead.edge_rows`); `trie` is the one before the edit.
 
     Old edges keep their vector rows and the new edges' rows follow them, so the grown table is the old one with rows
     appended (one contiguous copy), however the rebuilt trie numbers its edges. With `shared_eos` a new forced EOS
     edge takes the shared row instead of a row of its own (an old EOS edge keeps its row, even where a new
     identifier now extends it)."""
     old_paths = head.paths.long().cpu()
-    trie_paths = torch.as_tensor(edit.trie.paths(edit.token_rows))
     old_count, old_width = old_paths.shape
     old_rows = head.edge_vectors.shape[0]
     rows = torch.full((edit.trie.num_edges,), -1, dtype=torch.long)
-    valid = old_paths >= 0
-    rows[trie_paths[:old_count, :old_width][valid]] = old_paths[valid]
+    carried = torch.as_tensor(trie.edge_map(edit.trie))
+    if (carried < 0).any():  # the edit's trie is built from every old row: this is a bug, not bad input
+        raise RuntimeError("the rebuilt trie lost an edge of the old one")
+    old_edge_rows = head.edge_rows(trie)
+    rows[carried] = torch.arange(trie.num_edges) if old_edge_rows is None else old_edge_rows.cpu()
+    trie_paths = torch.as_tensor(edit.trie.paths(edit.token_rows[old_count:]))
     if shared_eos:
-        rows[forced_eos_edges(trie_paths[old_count:], edit.trie.num_edges, elsewhere=rows >= 0)] = SHARED_EOS_ROW
+        rows[forced_eos_edges(trie_paths, edit.trie.num_edges, elsewhere=rows >= 0)] = SHARED_EOS_ROW
     fresh = torch.nonzero(rows < 0).squeeze(-1)
     rows[fresh] = old_rows + torch.arange(len(fresh))
-    paths = torch.full(trie_paths.shape, -1, dtype=torch.long)
+    paths = torch.full((len(edit.token_rows), trie_paths.shape[1]), -1, dtype=torch.long)
     paths[:old_count, :old_width] = old_paths
-    new_paths = torch.where(trie_paths[old_count:] >= 0, rows[trie_paths[old_count:].clamp(min=0)], -1)
+    new_paths = torch.where(trie_paths >= 0, rows[trie_paths.clamp(min=0)], -1)
     paths[old_count:] = new_paths
     old_vectors = head.edge_vectors.detach()
     vectors = torch.cat([old_vectors, old_vectors.new_zeros(len(fresh), old_vectors.shape[1])])

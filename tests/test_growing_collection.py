@@ -157,6 +157,24 @@ def test_identifiers_follow_their_id_types_rules(text_tokenizer):
     assert _image_hits(model, tokenizer, twin, top_k=2)[0][0] in ("twin", OLD_KEYS[0])
 
 
+def test_a_repeated_identifier_takes_the_first_uniqueness_token_free_below_it(text_tokenizer):
+    """A `<u_j>` is free below an identifier's codes unless an identifier, removed ones included, uses it there."""
+    same, other = CAPTIONS[0], CAPTIONS[1]
+    table = build_identifiers(list("abcd"), "semantic", captions=[same, other, same, same],
+                              text_tokenizer=text_tokenizer)
+    tokenizer = ImageIdTokenizer(text_tokenizer, table)
+
+    def last_unit(key: str) -> str:
+        return tokenizer.convert_ids_to_tokens(tokenizer.identifier_ids(key))[-1]
+
+    assert [last_unit(key) for key in "acd"] == ["<u_0>", "<u_1>", "<u_2>"] and not last_unit("b").startswith("<u_")
+    tokenizer.apply_edit(tokenizer.prepare_remove(["c"]))
+    tokenizer.apply_edit(tokenizer.prepare_add(list("efg"), captions=[same, other, same]))
+    # e's bare caption is no identifier yet (a, c and d carry suffixes); g repeats e within the call and finds
+    # c's <u_1> still taken (its row stays in the table); below the other caption <u_0> is free.
+    assert not last_unit("e").startswith("<u_") and [last_unit(key) for key in "fg"] == ["<u_0>", "<u_3>"]
+
+
 def test_coarse_fine_placement_by_the_model_or_by_the_centroids(text_tokenizer):
     model, tokenizer = _pair("coarse_fine", text_tokenizer)
     top = [row[0] for row in _image_hits(model, tokenizer, NEW)]

@@ -86,6 +86,36 @@ def test_identifiers_that_prefix_each_other_are_told_apart_by_eos():
     assert trie.lookup(rows).tolist() == [1, 0, 2, -1, -1]
 
 
+def test_children_of_many_prefixes_at_once_with_and_without_removed_identifiers():
+    rows = pad([(5, 6), (5, 7), (5, 7, 8), (9,)])
+    trie = PrefixTrie.from_sequences(rows, EOS, VOCAB)
+    trie.remove_identifiers(trie.paths(rows[[1, 2]]))  # (5, 7) and all below it: dead, not gone
+    prefixes = np.array([[5, -1, 9], [5, 7, -1], [-1, -1, -1], [4, -1, -1], [9, EOS, -1]])  # a row ends at its -1
+    assert [pairs.tolist() for pairs in trie.children(prefixes)] == [[0, 2, 2], [6, 5, 9]]
+    assert [pairs.tolist() for pairs in trie.children(prefixes, live_only=False)] == [
+        [0, 0, 1, 1, 2, 2], [6, 7, EOS, 8, 5, 9]]
+    assert trie.allowed([5]).tolist() == [6]
+
+
+@settings(max_examples=60, deadline=None)
+@given(IDENTIFIER_SETS, IDENTIFIER_SETS, st.randoms(use_true_random=False))
+def test_edge_map_finds_every_edge_in_a_rebuilt_trie(old, added, random):
+    rows = list(dict.fromkeys(old + added))
+    random.shuffle(rows)  # the rebuilt trie numbers its nodes and edges its own way
+    before, after = PrefixTrie.from_sequences(pad(old), EOS, VOCAB), PrefixTrie.from_sequences(pad(rows), EOS, VOCAB)
+    mapped = before.edge_map(after)
+    old_paths = before.paths(pad(old))
+    assert (mapped[old_paths[old_paths >= 0]] == after.paths(pad(old))[old_paths >= 0]).all()
+    assert (mapped >= 0).all()
+    # Edges the other trie lacks map to -1: the new trie against the old one.
+    kept = {tuple(path) for row in old for path in (row[:i] for i in range(1, len(row) + 1))}
+    new_paths = after.paths(pad(rows))
+    backward = after.edge_map(before)
+    for row, path in zip(rows, new_paths):
+        for depth, edge in enumerate(path[: len(row)]):
+            assert (backward[edge] >= 0) == (tuple(row[: depth + 1]) in kept)
+
+
 def test_arrays_are_compact_int32_and_round_trip():
     trie = PrefixTrie.from_sequences(pad([(3, 4), (3, 5), (6,)]), EOS, VOCAB)
     arrays = trie.arrays()

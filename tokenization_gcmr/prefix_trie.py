@@ -102,14 +102,16 @@ class DeviceTrie:
             nodes = self.step(nodes, prefixes[:, position])[1]
         return nodes
 
-    def edges_of(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every child edge of every row's node as (row, edge) pairs, rows ascending; rows at node -1 have none."""
+    def edges_of(self, nodes: torch.Tensor, live_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every child edge of every row's node as (row, edge) pairs, rows ascending; rows at node -1 have none.
+
+        With `live_only`, an edge with no live identifier below it is left out."""
         counts = self.fanout[nodes]
         total = int(counts.sum())  # the one host sync of a step
         rows = torch.repeat_interleave(torch.arange(len(nodes), device=self.device), counts, output_size=total)
         first_edge = self.offsets[nodes] - (torch.cumsum(counts, 0) - counts)
         edges = torch.arange(total, device=self.device) + first_edge[rows]
-        if self.dead is not None:
+        if live_only and self.dead is not None:
             live = ~self.dead[edges]
             rows, edges = rows[live], edges[live]
         return rows, edges
@@ -205,7 +207,7 @@ class PrefixTrie:
         seq = np.full((num_rows, width + 1), -1, dtype=token_dtype)
         seq[:, :width] = rows
         seq[np.arange(num_rows), lengths] = eos_token_id
-        order = np.lexsort(seq.T[::-1]) if num_rows else np.zeros(0, dtype=np.int64)
+        order = _row_order(seq, vocab_size)
         seq = seq[order]
 
         # first_diff[i]: first position where sorted row i differs from row i - 1 (0 for the first row).
@@ -360,18 +362,77 @@ class PrefixTrie:
             paths[:, position], nodes = engine.step(nodes, tokens[:, position], live_only=False)
         return paths.numpy()
 
+    def edge_map(self, other: "PrefixTrie") -> np.ndarray:
+        """For each edge of this trie, the edge of `other` with the same path (same tokens from the root), or -1.
+
+        What an add needs to carry the old edges' vectors into its rebuilt trie: walked level by level over the
+        edges (each level's nodes are one contiguous range), one `searchsorted` per level, where walking every
+        identifier's path took five per identifier (0.48 s at a million images)."""
+        other_parent = np.repeat(np.arange(other.num_nodes, dtype=np.int64), np.diff(other.offsets))
+        other_keys = other_parent * other.vocab_size + other.child_tokens
+        result = np.full(self.num_edges, -1, dtype=np.int64)
+        node_map = np.full(self.num_nodes, -1, dtype=np.int64)
+        node_map[:1] = 0  # the roots
+        first, last = 0, min(1, self.num_nodes)
+        while first < last:
+            low, high = int(self.offsets[first]), int(self.offsets[last])
+            parents = node_map[np.repeat(np.arange(first, last), np.diff(self.offsets[first : last + 1]))]
+            keys = parents * other.vocab_size + self.child_tokens[low:high]
+            found = np.minimum(np.searchsorted(other_keys, keys), max(other.num_edges - 1, 0))
+            same = (parents >= 0) & (self.child_tokens[low:high] < other.vocab_size) & (other_keys[found] == keys) \
+                if other.num_edges else np.zeros(high - low, dtype=bool)
+            result[low:high] = np.where(same, found, -1)
+            children = self.child_nodes[low:high]
+            inner = children >= 0
+            node_map[children[inner]] = np.where(same[inner], other.child_nodes[found[inner]], -1)
+            first, last = (int(children[inner].min()), int(children[inner].max()) + 1) if inner.any() else (0, 0)
+        return result
+
     def allowed(self, prefix: list[int] | np.ndarray) -> np.ndarray:
         """Tokens that may follow ``prefix`` (EOS included where the prefix is a whole identifier)."""
+        return self.children(np.asarray(prefix, dtype=np.int64).reshape(1, -1))[1]
+
+    def children(self, rows: np.ndarray, live_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The child tokens of the node each row of token ids (B, L) reaches, as (row, token) pairs, rows ascending.
+
+        A row ends at its first -1; a row that leaves the trie (or passes an EOS) has no children. With
+        `live_only` False, edges whose identifiers were all removed count too (an add must not reuse them: the
+        removed rows stay in the tokenizer's table)."""
+        tensor = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        if tensor.ndim != 2:
+            raise PrefixTrieError(f"rows must be 2-D (B, L), got shape {tuple(tensor.shape)}")
         engine = self.on("cpu")
-        node = engine.walk(torch.as_tensor(np.asarray(prefix, dtype=np.int64)).reshape(1, -1))
-        _, edges = engine.edges_of(node)
-        return self.child_tokens[edges.numpy()].copy()
+        nodes = torch.zeros(tensor.shape[0], dtype=torch.long)
+        ended = torch.zeros(tensor.shape[0], dtype=torch.bool)
+        for position in range(tensor.shape[1]):
+            token = tensor[:, position]
+            ended |= token < 0
+            nodes = torch.where(ended, nodes, engine.step(nodes, token, live_only)[1])
+        row, edges = engine.edges_of(nodes, live_only)
+        return row.numpy(), self.child_tokens[edges.numpy()].copy()
 
     def __repr__(self) -> str:
         return (
             f"PrefixTrie(identifiers={self.num_identifiers}, nodes={self.num_nodes}, edges={self.num_edges}, "
             f"nbytes={self.nbytes}, eos_token_id={self.eos_token_id}, vocab_size={self.vocab_size})"
         )
+
+
+def _row_order(seq: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The lexicographic order of the rows of `seq` (tokens in [-1, vocab_size)).
+
+    Several columns are packed into each int64 sort key (at a million 6-token rows: 0.47 -> 0.28 s against
+    `np.lexsort` over the columns; every add rebuilds the trie)."""
+    bits = int(vocab_size).bit_length()  # tokens + 1 lie in [0, vocab_size]
+    per_key = 63 // bits
+    keys = []
+    for start in range(0, seq.shape[1], per_key):
+        block = seq[:, start : start + per_key].astype(np.int64) + 1
+        key = np.zeros(len(seq), dtype=np.int64)
+        for column in block.T:
+            key = (key << bits) | column
+        keys.append(key << (bits * (per_key - block.shape[1])))
+    return np.lexsort(keys[::-1]) if keys else np.zeros(0, dtype=np.int64)
 
 
 def _check_rows(rows: np.ndarray, eos_token_id: int, vocab_size: int) -> None:
