@@ -41,27 +41,33 @@ def test_identifier_logits_equal_a_full_head_on_the_same_rows(text_tokenizer, ca
         torch.testing.assert_close(head.scale * sampled.sum(1), expected[:, candidates], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 scores through their own CPU kernel
 @pytest.mark.parametrize("id_type", HEAD_TYPES)
-def test_beam_search_scores_of_children_equal_the_full_head(text_tokenizer, caption_corpus, id_type):
+def test_beam_search_scores_of_children_equal_the_full_head(text_tokenizer, caption_corpus, id_type, dtype):
     tokenizer = make_tokenizer(text_tokenizer, caption_corpus, id_type)
-    head = make_model(tokenizer).identifier_head
+    head = make_model(tokenizer).identifier_head.to(dtype)
     engine = tokenizer.prefix_trie.on("cpu")
-    queries = torch.randn(4, head.edge_vectors.shape[1], generator=torch.Generator().manual_seed(1))
-    full = head.scale * (queries @ head.edge_vectors.T)
+    queries = torch.randn(4, head.edge_vectors.shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    full = head.scale * (queries.float() @ head.edge_vectors.float().T)
+    tolerance = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+    def check(scores: torch.Tensor, expected: torch.Tensor) -> None:
+        assert scores.dtype == dtype
+        torch.testing.assert_close(scores.float(), expected, **tolerance)
+
     with torch.no_grad():
         # the root step: every query against the root's children, one matrix product
         rows, edges = engine.edges_of(torch.zeros(4, dtype=torch.long))
         children = edges[: len(edges) // 4]
-        torch.testing.assert_close(head.shared_edge_scores(queries, children), full[:, children])
+        check(head.shared_edge_scores(queries, children), full[:, children])
         # deeper steps: each row against its own node's children
         nodes = engine.next_node[children[: 4]].clamp(min=0)
         rows, edges = engine.edges_of(nodes)
-        torch.testing.assert_close(head.edge_scores(queries[rows], edges), full[rows, edges])
+        check(head.edge_scores(queries[rows], edges), full[rows, edges])
         # the lookahead's pairs, grouped by query or in any order: one product per query
-        torch.testing.assert_close(head.owned_edge_scores(queries, rows, edges), full[rows, edges])
+        check(head.owned_edge_scores(queries, rows, edges), full[rows, edges])
         shuffled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(2))
-        torch.testing.assert_close(head.owned_edge_scores(queries, rows[shuffled], edges[shuffled]),
-                                   full[rows[shuffled], edges[shuffled]])
+        check(head.owned_edge_scores(queries, rows[shuffled], edges[shuffled]), full[rows[shuffled], edges[shuffled]])
 
 
 @pytest.mark.parametrize("id_type", ["structured", "coarse_fine"])
