@@ -141,6 +141,45 @@ def test_an_add_appends_edge_vectors_and_search_still_scores_each_identifier_by_
         np.testing.assert_allclose([got[i] for i in range(everything)], want[row].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_later_adds_grow_the_tables_in_place_as_a_copy_would(text_tokenizer, tmp_path):
+    """The first add copies the edge vectors and stored features into buffers with room to spare; later adds write
+    into that room: same values as copying every time, and nothing a caller holds from before changes."""
+    grown, tokenizer = _pair("coarse_fine", text_tokenizer, store_features=True)
+    copied, twin_tokenizer = _pair("coarse_fine", text_tokenizer, store_features=True)
+
+    def tables(model) -> list[torch.Tensor]:
+        return [model.identifier_head.edge_vectors, model.image_features]
+
+    for first, batch in ((0, 3), (3, 2), (5, 3)):
+        keys, features = NEW_KEYS[first : first + batch], NEW[first : first + batch]
+        held = [table.detach() for table in tables(grown)]
+        held_values = [table.clone() for table in held]
+        pointers = [table.data_ptr() for table in held]
+        grown.add_images(keys, tokenizer, image_embeds=features)
+        for table in tables(copied):  # a table without its mark is copied, as before this change
+            table.__dict__.clear()
+        copied.add_images(keys, twin_tokenizer, image_embeds=features)
+        in_place = [table.data_ptr() for table in tables(grown)] == pointers
+        assert in_place == (first > 0)
+        assert [table.data_ptr() for table in tables(copied)] != [table.data_ptr() for table in held]
+        for mine, twin in zip(tables(grown), tables(copied)):
+            assert torch.equal(mine, twin)
+        for table, values in zip(held, held_values):
+            assert torch.equal(table, values)
+    assert _image_hits(grown, tokenizer, NEW) == [[key] for key in NEW_KEYS]
+    # The checkpoint holds the rows the model sees, not the room after them.
+    grown.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = GcmrForRetrieval.from_pretrained(tmp_path)
+    for mine, saved in zip(tables(grown), tables(loaded)):
+        assert saved.shape == mine.shape and torch.equal(saved, mine.detach())
+    # A loaded checkpoint's tensors may share one memory-mapped file: its first add copies, writing nothing past them.
+    before = {name: value.clone() for name, value in loaded.state_dict().items()}
+    loaded.add_images(["later"], ImageIdTokenizer.from_pretrained(tmp_path), image_embeds=_features(1, 9))
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value[: len(before[name])] if value.ndim else value, before[name]), name
+
+
 def test_identifiers_follow_their_id_types_rules(text_tokenizer):
     model, tokenizer = _pair("atomic", text_tokenizer)
     model.add_images(["a", "b"], tokenizer, image_embeds=NEW[:2])
