@@ -256,10 +256,12 @@ def _trained_map(model: Any, live: np.ndarray) -> torch.Tensor:
         return identity  # nothing to fit on (every image removed: the collection starts again as init="dense")
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:MAP_SAMPLE]]
     paths = head.paths[rows].long()
-    # The sample's rows are gathered before they become float32: a half-precision table is not converted whole (at a
-    # million images in bf16 that float32 copy was 2.3 GB, the peak of an add).
-    steps = head.edge_vectors.detach()[paths.clamp(min=0)].float().cpu()
-    sums = (steps * (paths >= 0).cpu()[..., None]).sum(dim=1)
+    # Summed where they lie, in the table's dtype: a half-precision table is not converted whole (at a million images
+    # in bf16 that float32 copy was 2.3 GB, the peak of an add), and no (rows, depth, D) gather is written (0.33 s of
+    # an add at 1M; embedding_bag 0.02 s).
+    vectors = head.edge_vectors.detach()
+    sums = torch.nn.functional.embedding_bag(paths.clamp(min=0).to(vectors.device), vectors, mode="sum",
+                                             per_sample_weights=(paths >= 0).to(vectors)).float().cpu()
     x = features[rows].float().cpu()
     strength = MAP_RIDGE * len(rows)
     return torch.linalg.solve(x.T @ x + strength * identity, x.T @ sums + strength * identity)
