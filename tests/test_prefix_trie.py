@@ -107,6 +107,7 @@ def test_edge_map_finds_every_edge_in_a_rebuilt_trie(old, added, random):
     old_paths = before.paths(pad(old))
     assert (mapped[old_paths[old_paths >= 0]] == after.paths(pad(old))[old_paths >= 0]).all()
     assert (mapped >= 0).all()
+    assert (before.edge_map(PrefixTrie.from_sequences(np.zeros((0, 2), dtype=np.int64), EOS, VOCAB)) == -1).all()
     # Edges the other trie lacks map to -1: the new trie against the old one.
     kept = {tuple(path) for row in old for path in (row[:i] for i in range(1, len(row) + 1))}
     new_paths = after.paths(pad(rows))

@@ -371,16 +371,18 @@ class PrefixTrie:
         other_parent = np.repeat(np.arange(other.num_nodes, dtype=np.int64), np.diff(other.offsets))
         other_keys = other_parent * other.vocab_size + other.child_tokens
         result = np.full(self.num_edges, -1, dtype=np.int64)
+        if other.num_edges == 0:
+            return result
         node_map = np.full(self.num_nodes, -1, dtype=np.int64)
         node_map[:1] = 0  # the roots
         first, last = 0, min(1, self.num_nodes)
         while first < last:
             low, high = int(self.offsets[first]), int(self.offsets[last])
             parents = node_map[np.repeat(np.arange(first, last), np.diff(self.offsets[first : last + 1]))]
-            keys = parents * other.vocab_size + self.child_tokens[low:high]
-            found = np.minimum(np.searchsorted(other_keys, keys), max(other.num_edges - 1, 0))
-            same = (parents >= 0) & (self.child_tokens[low:high] < other.vocab_size) & (other_keys[found] == keys) \
-                if other.num_edges else np.zeros(high - low, dtype=bool)
+            tokens = self.child_tokens[low:high]
+            keys = parents * other.vocab_size + tokens
+            found = np.minimum(np.searchsorted(other_keys, keys), other.num_edges - 1)
+            same = (parents >= 0) & (tokens < other.vocab_size) & (other_keys[found] == keys)
             result[low:high] = np.where(same, found, -1)
             children = self.child_nodes[low:high]
             inner = children >= 0
