@@ -99,3 +99,21 @@ def test_a_retriever_saved_from_cuda_reloads_on_the_cpu(text_tokenizer, tmp_path
     assert reloaded.device.type == "cpu"
     got = _hits(reloaded, ImageIdTokenizer.from_pretrained(tmp_path / "retriever"), features, queries)
     assert [[key for key, _ in row] for row in got] == [[key for key, _ in row] for row in expected]
+
+
+def test_adds_on_cuda_grow_the_tables_in_place_as_on_the_cpu(text_tokenizer):
+    new = np.random.default_rng(1).normal(size=(6, DIM)).astype(np.float32)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    found, vectors = {}, {}
+    for device in ("cpu", "cuda"):
+        model, tokenizer, features, _ = _retriever(text_tokenizer, "coarse_fine")
+        model.to(device)
+        model.add_images(["new0", "new1", "new2"], tokenizer, image_embeds=new[:3])
+        pointer = model.identifier_head.edge_vectors.data_ptr()
+        model.add_images(["new3", "new4", "new5"], tokenizer, image_embeds=new[3:])
+        assert model.identifier_head.edge_vectors.data_ptr() == pointer  # the second add wrote into the room
+        assert model.identifier_head.edge_vectors.device.type == device
+        found[device] = model.retrieve(tokenizer=tokenizer, image_embeds=new, top_k=5, num_beams=5, show_progress=False)
+        vectors[device] = model.identifier_head.edge_vectors.detach().cpu()
+    assert [[key for key, _ in row] for row in found["cuda"]] == [[key for key, _ in row] for row in found["cpu"]]
+    torch.testing.assert_close(vectors["cuda"], vectors["cpu"], rtol=1e-4, atol=1e-5)
