@@ -158,10 +158,11 @@ def test_later_adds_grow_the_tables_in_place_as_a_copy_would(text_tokenizer, tmp
         grown.add_images(keys, tokenizer, image_embeds=features)
         for table in tables(copied):  # a table without its mark is copied, as before this change
             table.__dict__.clear()
+        copied_pointers = [table.data_ptr() for table in tables(copied)]
         copied.add_images(keys, twin_tokenizer, image_embeds=features)
         in_place = [table.data_ptr() for table in tables(grown)] == pointers
         assert in_place == (first > 0)
-        assert [table.data_ptr() for table in tables(copied)] != [table.data_ptr() for table in held]
+        assert all(table.data_ptr() != pointer for table, pointer in zip(tables(copied), copied_pointers))
         for mine, twin in zip(tables(grown), tables(copied)):
             assert torch.equal(mine, twin)
         for table, values in zip(held, held_values):
